@@ -1,0 +1,96 @@
+"""Config: a frozen dataclass validated when it is made, and `Config.from_env`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, NoServerName, NoWorkers
+
+__all__ = ["Config"]
+
+
+def _check_int(name: str, value: object, minimum: int, error: type[ConfigError]) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if value < minimum:
+        raise error(f"{name} must be at least {minimum}, not {value!r}", field=name, value=value)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """How a `TaskManager` is built. Immutable; validated at construction.
+
+    `workers` (default 4) worker threads; below 1 raises `NoWorkers`.
+    `queue_size` (default 64) bounds the task queue; below 1 raises `ConfigError`.
+    `server_name` (default ``"marionette"``) is bound into every log line as
+    ``server``; empty raises `NoServerName`. `logger` is a structlog logger (a stdlib
+    `logging.Logger` is also accepted and wrapped); None logs through the stdlib
+    logger named ``marionette``. A value of the wrong type raises `TypeError`.
+    """
+
+    logger: Any = None
+    workers: int = 4
+    queue_size: int = 64
+    server_name: str = "marionette"
+
+    def __post_init__(self) -> None:
+        _check_int("workers", self.workers, 1, NoWorkers)
+        _check_int("queue_size", self.queue_size, 1, ConfigError)
+        if not isinstance(self.server_name, str):
+            raise TypeError(f"server_name must be a str, not {self.server_name!r}")
+        if not self.server_name.strip():
+            raise NoServerName(
+                f"server_name must not be empty, not {self.server_name!r}",
+                field="server_name",
+                value=self.server_name,
+            )
+        logger = self.logger
+        if logger is not None and not isinstance(logger, logging.Logger):
+            missing = [
+                m
+                for m in ("debug", "info", "warning", "error", "bind")
+                if not callable(getattr(logger, m, None))
+            ]
+            if missing:
+                lacks = ", ".join(missing)
+                raise TypeError(
+                    f"logger must be a structlog logger (it lacks {lacks}), not {logger!r}"
+                )
+
+    @classmethod
+    def from_env(
+        cls, prefix: str = "MARIONETTE_", environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Read ``{prefix}WORKERS``, ``{prefix}QUEUE_SIZE`` and ``{prefix}SERVER_NAME``.
+
+        `environ` defaults to `os.environ`, read at call time. Unset variables keep
+        their defaults. A malformed or invalid value raises `ConfigError` (or its
+        subclass `NoWorkers` / `NoServerName`) naming the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in ("workers", "queue_size", "server_name"):
+            variable = prefix + name.upper()
+            raw = env.get(variable)
+            if raw is None:
+                continue
+            if name == "server_name":
+                values[name] = raw
+                continue
+            try:
+                values[name] = int(raw.strip())
+            except ValueError:
+                raise ConfigError(
+                    f"{variable} must be an integer, not {raw!r}", field=variable, value=raw
+                ) from None
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            variable = prefix + str(exc.field).upper()
+            raise type(exc)(
+                f"{variable}={env.get(variable)!r}: {exc}", field=variable, value=exc.value
+            ) from exc

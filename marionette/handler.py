@@ -1,0 +1,420 @@
+"""TaskHandler: one submission's state, its attempts, the Future API, retry decisions.
+
+A handler is a small state machine (`TaskState`). It holds no lock of its own: all
+handlers of a manager share that manager's lock (`TaskManager._lock`), so one
+acquisition per transition keeps a handler's state and the manager's counters in
+agreement, and a submission pays for no lock, condition or `Future`. A waiter
+(`threading.Event`) or a callback list is made only when someone asks for one.
+
+The transitions themselves (submit, dispatch, run, retry, cancel, settle) live in the
+manager, which owns the queue, the scheduler and the counters; this module owns the
+handler's fields, the waiting, the callbacks, and the pure retry decision.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import functools
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import tenacity
+
+from ._time import seconds
+from .context import Context
+
+if TYPE_CHECKING:
+    from ._log import Log
+
+__all__ = ["Task", "TaskHandler", "TaskState"]
+
+
+class TaskState(enum.Enum):
+    """Where a submission is in its life."""
+
+    #: Wrapped, or queued waiting for a worker.
+    PENDING = "pending"
+    #: Delayed, scheduled, or waiting for a retry.
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+@runtime_checkable
+class Task(Protocol):
+    """An object task: `do(ctx)` runs one attempt; its return value is the result."""
+
+    def do(self, ctx: Context) -> Any: ...
+
+
+class _Owner(Protocol):
+    """What a handler needs from the manager that made it."""
+
+    _lock: threading.Lock
+    _log: Log
+
+    def _cancel(self, handler: TaskHandler) -> bool: ...
+    def _execute(self, handler: TaskHandler, queue: object) -> None: ...
+
+
+# -- options ---------------------------------------------------------------------
+
+#: The default backoff: 0.5 s before the first retry, x1.5 per retry, capped at 60 s,
+#: plus up to 0.25 s of random jitter so that retries of many tasks spread out.
+DEFAULT_BACKOFF = tenacity.wait_exponential(
+    multiplier=0.5, exp_base=1.5, max=60
+) + tenacity.wait_random(0, 0.25)
+#: The default retry predicate: any `Exception`.
+DEFAULT_RETRY = tenacity.retry_if_exception_type(Exception)
+
+_OPTION_NAMES = frozenset(
+    {"retries", "backoff", "retry", "stop", "timeout", "context", "error", "name"}
+)
+
+Strategy = Callable[[tenacity.RetryCallState], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """A submission's validated options (shared by every submission without any)."""
+
+    retries: int = 0
+    backoff: Strategy = DEFAULT_BACKOFF
+    retry: Strategy = DEFAULT_RETRY
+    stop: Strategy | None = None
+    timeout: float | None = None
+    context: Context | None = None
+    error: BaseException | str | None = None
+
+
+DEFAULT_OPTIONS = Options()
+
+
+def parse_options(opts: Mapping[str, Any]) -> tuple[Options, str | None]:
+    """Validate the keyword options of a submission; return them and the `name`.
+
+    Unknown names and values of the wrong type raise `TypeError`; out-of-range
+    values raise `ValueError`. Each message names the option and the bad value.
+    """
+    if not opts:
+        return DEFAULT_OPTIONS, None
+    unknown = opts.keys() - _OPTION_NAMES
+    if unknown:
+        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+    retries = opts.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool):
+        raise TypeError(f"retries must be an int, not {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must not be negative, not {retries!r}")
+    backoff = opts.get("backoff")
+    if backoff is None:
+        backoff = DEFAULT_BACKOFF
+    elif not callable(backoff):
+        backoff = tenacity.wait_fixed(seconds(backoff, "backoff", allow_negative=False))
+    timeout = opts.get("timeout")
+    if timeout is not None:
+        timeout = seconds(timeout, "timeout")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {opts['timeout']!r}")
+    context = opts.get("context")
+    if context is not None and not isinstance(context, Context):
+        raise TypeError(f"context must be a marionette.Context, not {context!r}")
+    error = opts.get("error")
+    if error is not None and not isinstance(error, (BaseException, str)):
+        raise TypeError(f"error must be an exception or a message, not {error!r}")
+    name = opts.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty str, not {name!r}")
+    retry, stop = opts.get("retry"), opts.get("stop")
+    for option, value in (("retry", retry), ("stop", stop)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{option} must be a tenacity {option} strategy, not {value!r}")
+    return (
+        Options(
+            retries=retries,
+            backoff=backoff,
+            retry=DEFAULT_RETRY if retry is None else retry,
+            stop=stop,
+            timeout=timeout,
+            context=context,
+            error=error,
+        ),
+        name,
+    )
+
+
+# A stand-in for the Retrying object a RetryCallState normally belongs to; the
+# strategies read only the call state.
+_RETRYING = tenacity.Retrying()
+
+
+def retry_delay(opts: Options, attempt: int, error: BaseException, started: float) -> float | None:
+    """Seconds to wait before retrying after failed attempt number `attempt`, or None.
+
+    The decision, apart from its side effect: tenacity's order is kept (the retry
+    predicate, then the wait, then the stop strategy, which can see the upcoming
+    sleep). `started` is the `time.monotonic()` of the submission. Whatever a
+    strategy raises propagates; a wait that is not a finite number raises
+    `ValueError`. A negative wait means "retry now".
+    """
+    if attempt > opts.retries:
+        return None
+    state = tenacity.RetryCallState(_RETRYING, None, (), {})
+    state.start_time = started
+    state.attempt_number = attempt
+    state.set_exception((type(error), error, error.__traceback__))
+    if not opts.retry(state):
+        return None
+    wait = float(opts.backoff(state))
+    if not math.isfinite(wait):
+        raise ValueError(f"the backoff strategy returned {wait!r}")
+    state.upcoming_sleep = max(wait, 0.0)
+    if opts.stop is not None and opts.stop(state):
+        return None
+    return state.upcoming_sleep
+
+
+def default_name(task: object) -> str:
+    """`str(task)` when the task defines `__str__`, else its qualified name."""
+    if isinstance(task, functools.partial):
+        return f"partial({default_name(task.func)})"
+    if type(task).__str__ is not object.__str__:
+        try:
+            return str(task)
+        except Exception:  # a broken __str__ must not break a submission
+            pass
+    qualname = getattr(task, "__qualname__", None)
+    return qualname if isinstance(qualname, str) else type(task).__qualname__
+
+
+# -- the handler -----------------------------------------------------------------
+
+
+class TaskHandler:
+    """One submission of a task: its state, result, attempts, and the Future API.
+
+    Returned by every submission; any thread may use it. `result()` and
+    `exception()` block (with an optional timeout); everything else returns at once.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_callbacks",
+        "_cancelling",
+        "_ctx",
+        "_errors",
+        "_fn",
+        "_name",
+        "_opts",
+        "_owner",
+        "_state",
+        "_submitted_at",
+        "_value",
+        "_waiter",
+        "id",
+    )
+
+    _ids = iter(range(1, 1 << 62)).__next__  # atomic under the GIL; creation order
+
+    def __init__(
+        self, owner: _Owner, fn: Callable[[Context], Any], opts: Options, name: str
+    ) -> None:
+        #: Unique in the process, increasing with creation time.
+        self.id: int = TaskHandler._ids()
+        self._owner = owner
+        self._fn = fn
+        self._opts = opts
+        self._name = name
+        self._state = TaskState.PENDING
+        self._attempts = 0
+        self._errors: list[BaseException] | None = None
+        self._value: Any = None
+        self._waiter: threading.Event | None = None
+        self._callbacks: list[Callable[[TaskHandler], object]] | None = None
+        self._ctx: Context | None = None
+        self._cancelling = False
+        self._submitted_at: float | None = None
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The task's label in logs: the ``name=`` option, else `default_name`."""
+        return self._name
+
+    @property
+    def state(self) -> TaskState:
+        return self._state
+
+    @property
+    def attempts(self) -> int:
+        """Attempts started so far."""
+        return self._attempts
+
+    @property
+    def errors(self) -> tuple[BaseException, ...]:
+        """One error per failed attempt, oldest first."""
+        errors = self._errors
+        return () if errors is None else tuple(errors)
+
+    def done(self) -> bool:
+        """True once the task succeeded, failed for good, or was cancelled."""
+        return self._state in _FINISHED
+
+    def running(self) -> bool:
+        """True while an attempt runs (not while waiting for a retry)."""
+        return self._state is TaskState.RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state is TaskState.CANCELLED
+
+    # -- waiting ---------------------------------------------------------------
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._state in _FINISHED:
+            return
+        limit = None if timeout is None else min(seconds(timeout, "timeout"), threading.TIMEOUT_MAX)
+        with self._owner._lock:
+            if self._state in _FINISHED:
+                return
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = threading.Event()
+        if not waiter.wait(limit) and self._state not in _FINISHED:
+            raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value, waiting up to `timeout` seconds for it.
+
+        Raises `TimeoutError` if it is not done in time, the `TaskError` of a task
+        that failed for good (or the `BaseException` that ended it), and
+        `concurrent.futures.CancelledError` if it was cancelled.
+        """
+        self._wait(timeout)
+        state = self._state
+        if state is TaskState.SUCCEEDED:
+            return self._value
+        if state is TaskState.CANCELLED:
+            raise concurrent.futures.CancelledError()
+        raise self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The final error (None on success), waiting up to `timeout` seconds.
+
+        Raises `TimeoutError` and `concurrent.futures.CancelledError` as `result` does.
+        """
+        self._wait(timeout)
+        state = self._state
+        if state is TaskState.CANCELLED:
+            raise concurrent.futures.CancelledError()
+        return self._value if state is TaskState.FAILED else None
+
+    def add_done_callback(self, fn: Callable[[TaskHandler], object]) -> None:
+        """Call `fn(handler)` once the task is done; at once if it already is.
+
+        Callbacks run in the thread that finishes the task (or the calling thread),
+        with no lock held, in the order they were added. One that raises is logged
+        and does not stop the others.
+        """
+        if not callable(fn):
+            raise TypeError(f"a done callback must be callable, not {fn!r}")
+        with self._owner._lock:
+            if self._state not in _FINISHED:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        self._run_callback(fn)
+
+    def _fire(
+        self,
+        waiter: threading.Event | None,
+        callbacks: list[Callable[[TaskHandler], object]] | None,
+    ) -> None:
+        """Wake the waiters and run the callbacks of a handler that just finished.
+
+        Called once, by the thread that settled the handler, after the lock is released.
+        """
+        if waiter is not None:
+            waiter.set()
+        if callbacks:
+            for fn in callbacks:
+                self._run_callback(fn)
+
+    def _run_callback(self, fn: Callable[[TaskHandler], object]) -> None:
+        try:
+            fn(self)
+        except BaseException as exc:  # as concurrent.futures: log, never raise
+            self._owner._log.error(
+                "done callback raised", task_id=self.id, task=self.name, error=repr(exc)
+            )
+
+    def as_future(self) -> concurrent.futures.Future[Any]:
+        """A new `concurrent.futures.Future` that settles when this handler does.
+
+        For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`.
+        Cancelling the future cancels the task (if it has not started).
+        """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def settle(handler: TaskHandler) -> None:
+            state = handler._state
+            if state is TaskState.CANCELLED:
+                future.cancel()
+                future.set_running_or_notify_cancel()
+            elif future.set_running_or_notify_cancel():
+                if state is TaskState.SUCCEEDED:
+                    future.set_result(handler._value)
+                else:
+                    future.set_exception(handler._value)
+
+        def propagate(f: concurrent.futures.Future[Any]) -> None:
+            if f.cancelled():
+                self.cancel()
+
+        future.add_done_callback(propagate)
+        self.add_done_callback(settle)
+        return future
+
+    # -- acting ----------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Cancel the task; True if it will never run (again), False otherwise.
+
+        A queued, delayed, scheduled or retry-waiting task is removed and never runs:
+        True (also when it was already cancelled). A running task has its context
+        cancelled and is not retried: False; it ends CANCELLED if that attempt
+        raises, SUCCEEDED if it returns anyway. A finished task: False.
+        """
+        return self._owner._cancel(self)
+
+    def exec(self) -> None:
+        """Run one attempt now, in the calling thread: what a worker does.
+
+        Does nothing unless the task is pending (a cancelled, running or finished
+        task is left alone). A failure with retries left goes to the scheduler.
+        """
+        self._owner._execute(self, None)
+
+    def _parent_done(self, ctx: Context) -> None:
+        """The ``context=`` option's context ended: the task is cancelled with it."""
+        self.cancel()
+
+    def do(self, ctx: Context) -> Any:
+        """Always raises `TypeError`: a handler is submitted, never wrapped again."""
+        raise TypeError(f"{self!r} is a TaskHandler: submit it or call exec(), never do()")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<TaskHandler #{self.id} {self.name} {self._state.name}>"
