@@ -59,6 +59,36 @@ def _level_check(logger: Any) -> Callable[[int], bool] | None:
     return None
 
 
+def _always(level: int) -> bool:
+    return True
+
+
+def _guarded(check: Callable[[int], bool] | None) -> Callable[[int], bool]:
+    """`check`, made safe to call: a level test that raises counts as disabled.
+
+    The stdlib's own test is used as it is, since it is on the hot path and cannot
+    fail short of a broken interpreter.
+    """
+    if check is None:
+        return _always
+    owner = getattr(check, "__self__", None)
+    if isinstance(owner, structlog.stdlib.BoundLogger):
+        # Skip a level of indirection: ask the stdlib logger it wraps directly.
+        owner = getattr(owner, "_logger", owner)
+        check = getattr(owner, "isEnabledFor", check)
+    if isinstance(owner, logging.Logger):
+        return check
+
+    def guarded(level: int) -> bool:
+        try:
+            return bool(check(level))
+        except Exception:
+            _report()
+            return False
+
+    return guarded
+
+
 class Log:
     """A bound logger plus a level check; logging errors are reported, never raised.
 
@@ -66,7 +96,7 @@ class Log:
     never under a marionette lock.
     """
 
-    __slots__ = ("_check", "_logger")
+    __slots__ = ("_logger", "enabled")
 
     def __init__(self, logger: Any) -> None:
         if logger is None:
@@ -74,7 +104,9 @@ class Log:
         elif isinstance(logger, logging.Logger):
             logger = default_logger(logger)
         self._logger = logger
-        self._check = _level_check(logger)
+        #: ``enabled(level) -> bool``: whether a line at `level` would be emitted
+        #: (True when the logger cannot tell). Checked before building a line.
+        self.enabled: Callable[[int], bool] = _guarded(_level_check(logger))
 
     @property
     def logger(self) -> Any:
@@ -88,17 +120,6 @@ class Log:
         except Exception:  # a broken logger: keep logging through it unbound
             _report()
             return self
-
-    def enabled(self, level: int) -> bool:
-        """Whether a line at `level` would be emitted; True when unknown."""
-        check = self._check
-        if check is None:
-            return True
-        try:
-            return bool(check(level))
-        except Exception:
-            _report()
-            return False
 
     def debug(self, event: str, **values: Any) -> None:
         self._emit(DEBUG, "debug", event, values)

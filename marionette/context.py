@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from ._time import seconds
 from .errors import Cancelled, DeadlineExceeded
@@ -26,10 +26,21 @@ if TYPE_CHECKING:
 
 __all__ = ["Context"]
 
-# Guards the cancellation tree: every context's `_err`, `_children`, `_callbacks`
-# and `_event`. Cancellation is rare, so one lock for all contexts costs nothing on
-# the hot path; it is never held while user code runs.
+# Guards the cancellation tree: every context's `_err` and `_watch` (its children,
+# callbacks and event). Cancellation is rare, so one lock for all contexts costs
+# nothing on the hot path; it is never held while user code runs.
 _lock = threading.Lock()
+
+
+class _Watch:
+    """What a context needs only once someone derives from, hooks or waits on it."""
+
+    __slots__ = ("callbacks", "children", "event")
+
+    def __init__(self) -> None:
+        self.children: weakref.WeakSet[Context] | None = None
+        self.callbacks: dict[object, Callable[[Context], None]] | None = None
+        self.event: threading.Event | None = None
 
 
 class Context:
@@ -40,37 +51,21 @@ class Context:
     root that is never cancelled and has no deadline.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_callbacks",
-        "_cancellable",
-        "_children",
-        "_deadline",
-        "_err",
-        "_event",
-        "_parent",
-        "_task",
-        "attempt",
-    )
-
-    _background: ClassVar[Context]
+    __slots__ = ("__weakref__", "_deadline", "_err", "_parent", "_task", "_watch", "attempt")
 
     def __init__(self) -> None:
         self._parent: Context | None = None
         self._deadline: float | None = None
         self._err: Cancelled | DeadlineExceeded | None = None
-        self._children: weakref.WeakSet[Context] | None = None
-        self._callbacks: dict[object, Callable[[Context], None]] | None = None
-        self._event: threading.Event | None = None
-        self._cancellable = True
+        self._watch: _Watch | None = None
         self._task: TaskHandler | None = None
         #: The attempt number (1-based) inside a task; 0 outside any task.
         self.attempt = 0
 
-    @classmethod
-    def background(cls) -> Context:
+    @staticmethod
+    def background() -> Context:
         """The root context: never cancelled, no deadline. Its `cancel()` raises."""
-        return cls._background
+        return BACKGROUND
 
     def _child(
         self, deadline: float | None, task: TaskHandler | None = None, attempt: int = 0
@@ -80,32 +75,37 @@ class Context:
         With `task`, the child is that task's context for attempt number `attempt`;
         otherwise it inherits this context's task and attempt.
         """
-        child = Context.__new__(Context)
+        child = _new(Context)
         child._parent = self
         parent_deadline = self._deadline
         if deadline is None or (parent_deadline is not None and parent_deadline < deadline):
             deadline = parent_deadline
         child._deadline = deadline
         child._err = None
-        child._children = None
-        child._callbacks = None
-        child._event = None
-        child._cancellable = True
+        child._watch = None
         if task is None:
             child._task = self._task
             child.attempt = self.attempt
         else:
             child._task = task
             child.attempt = attempt
-        if self._cancellable:
+        if self is not BACKGROUND:
             with _lock:
                 if self._err is not None:
                     child._err = type(self._err)()
                 else:
-                    if self._children is None:
-                        self._children = weakref.WeakSet()
-                    self._children.add(child)
+                    watch = self._watch or self._watched()
+                    if watch.children is None:
+                        watch.children = weakref.WeakSet()
+                    watch.children.add(child)
         return child
+
+    def _watched(self) -> _Watch:
+        """This context's `_Watch`, made on first use. Call with `_lock` held."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = _Watch()
+        return watch
 
     def with_cancel(self) -> Context:
         """A child that can be cancelled on its own; cancelling this one cancels it."""
@@ -154,7 +154,7 @@ class Context:
 
         The background context cannot be cancelled: its `cancel()` raises `TypeError`.
         """
-        if not self._cancellable:
+        if self is BACKGROUND:
             raise TypeError("the background context cannot be cancelled; use with_cancel()")
         self._finish(Cancelled)
 
@@ -171,9 +171,10 @@ class Context:
         with _lock:
             if self._err is not None:
                 return True
-            event = self._event
+            watch = self._watched()
+            event = watch.event
             if event is None:
-                event = self._event = threading.Event()
+                event = watch.event = threading.Event()
         remaining = self.remaining()
         if remaining is not None:
             limit = remaining if limit is None else min(limit, remaining)
@@ -199,18 +200,17 @@ class Context:
             if self._err is not None:
                 return
             self._err = kind()
-            children = list(self._children) if self._children else ()
-            callbacks = list(self._callbacks.values()) if self._callbacks else ()
-            self._children = self._callbacks = None
-            event = self._event
+            watch, self._watch = self._watch, None
             parent = self._parent
-            if parent is not None and parent._children is not None:
-                parent._children.discard(self)
-        if event is not None:
-            event.set()
-        for child in children:
+            if parent is not None and parent._watch is not None and parent._watch.children:
+                parent._watch.children.discard(self)
+        if watch is None:
+            return
+        if watch.event is not None:
+            watch.event.set()
+        for child in list(watch.children or ()):
             child._finish(kind)
-        for callback in callbacks:
+        for callback in (watch.callbacks or {}).values():
             callback(self)
 
     def _on_done(self, key: object, callback: Callable[[Context], None]) -> bool:
@@ -220,42 +220,65 @@ class Context:
         held. Returns False, and registers nothing, when the context is already
         done or can never be. `key` identifies the callback for `_forget`.
         """
-        if not self._cancellable:
+        if self is BACKGROUND:
             return False
         with _lock:
             if self._err is not None:
                 return False
-            if self._callbacks is None:
-                self._callbacks = {}
-            self._callbacks[key] = callback
+            watch = self._watched()
+            if watch.callbacks is None:
+                watch.callbacks = {}
+            watch.callbacks[key] = callback
         return True
 
     def _forget(self, key: object) -> None:
         """Unregister the callback added under `key`; harmless when it is gone."""
-        if self._cancellable:
-            with _lock:
-                if self._callbacks is not None:
-                    self._callbacks.pop(key, None)
+        with _lock:
+            watch = self._watch
+            if watch is not None and watch.callbacks is not None:
+                watch.callbacks.pop(key, None)
 
     def _detach(self) -> None:
         """Drop this context from its parent's children: the attempt it served ended."""
         parent = self._parent
-        if parent is not None and parent._cancellable:
+        if parent is not None and parent is not BACKGROUND:
             with _lock:
-                if parent._children is not None:
-                    parent._children.discard(self)
+                watch = parent._watch
+                if watch is not None and watch.children is not None:
+                    watch.children.discard(self)
 
     def __repr__(self) -> str:
-        if self._err is not None:
+        if self is BACKGROUND:
+            state = "background"
+        elif self._err is not None:
             state = type(self._err).__name__
         elif self._deadline is not None:
             state = f"deadline in {self._deadline - time.monotonic():.3f}s"
         else:
             state = "live"
-        if not self._cancellable:
-            state = "background"
         return f"<Context {state}>"
 
 
-Context._background = Context()
-Context._background._cancellable = False
+def attempt_context(
+    parent: Context | None, deadline: float | None, task: TaskHandler, attempt: int
+) -> Context:
+    """The context of attempt number `attempt` of `task`.
+
+    A child of `parent` (the task's ``context=`` option), or without one a new root:
+    nothing above it can cancel it. Straight-line for that common case: every
+    attempt of every task makes one.
+    """
+    if parent is not None:
+        return parent._child(deadline, task, attempt)
+    ctx = _new(Context)
+    ctx._parent = None
+    ctx._deadline = deadline
+    ctx._err = None
+    ctx._watch = None
+    ctx._task = task
+    ctx.attempt = attempt
+    return ctx
+
+
+_new = object.__new__
+BACKGROUND = Context()

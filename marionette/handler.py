@@ -63,7 +63,7 @@ class _Owner(Protocol):
     _log: Log
 
     def _cancel(self, handler: TaskHandler) -> bool: ...
-    def _execute(self, handler: TaskHandler, queue: object) -> None: ...
+    def _execute(self, handler: TaskHandler) -> None: ...
 
 
 # -- options ---------------------------------------------------------------------
@@ -199,6 +199,23 @@ def default_name(task: object) -> str:
 # -- the handler -----------------------------------------------------------------
 
 
+class _Extras:
+    """The part of a handler that most never need, made on first need.
+
+    Made and changed under the owner's lock only; once the handler is finished,
+    `waiter` and `callbacks` never change again.
+    """
+
+    __slots__ = ("callbacks", "cancelling", "errors", "waiter")
+
+    def __init__(self) -> None:
+        self.waiter: threading.Event | None = None
+        self.callbacks: list[Callable[[TaskHandler], object]] | None = None
+        self.errors: list[BaseException] | None = None
+        #: cancel() was called while an attempt ran: do not retry it.
+        self.cancelling = False
+
+
 class TaskHandler:
     """One submission of a task: its state, result, attempts, and the Future API.
 
@@ -208,10 +225,8 @@ class TaskHandler:
 
     __slots__ = (
         "_attempts",
-        "_callbacks",
-        "_cancelling",
         "_ctx",
-        "_errors",
+        "_extras",
         "_fn",
         "_name",
         "_opts",
@@ -219,14 +234,13 @@ class TaskHandler:
         "_state",
         "_submitted_at",
         "_value",
-        "_waiter",
         "id",
     )
 
     _ids = iter(range(1, 1 << 62)).__next__  # atomic under the GIL; creation order
 
     def __init__(
-        self, owner: _Owner, fn: Callable[[Context], Any], opts: Options, name: str
+        self, owner: _Owner, fn: Callable[[Context], Any], opts: Options, name: str | None
     ) -> None:
         #: Unique in the process, increasing with creation time.
         self.id: int = TaskHandler._ids()
@@ -236,12 +250,9 @@ class TaskHandler:
         self._name = name
         self._state = TaskState.PENDING
         self._attempts = 0
-        self._errors: list[BaseException] | None = None
         self._value: Any = None
-        self._waiter: threading.Event | None = None
-        self._callbacks: list[Callable[[TaskHandler], object]] | None = None
         self._ctx: Context | None = None
-        self._cancelling = False
+        self._extras: _Extras | None = None
         self._submitted_at: float | None = None
 
     # -- reading ---------------------------------------------------------------
@@ -249,7 +260,10 @@ class TaskHandler:
     @property
     def name(self) -> str:
         """The task's label in logs: the ``name=`` option, else `default_name`."""
-        return self._name
+        name = self._name
+        if name is None:  # a plain callable: named on first use, off the hot path
+            name = self._name = default_name(self._fn)
+        return name
 
     @property
     def state(self) -> TaskState:
@@ -263,8 +277,8 @@ class TaskHandler:
     @property
     def errors(self) -> tuple[BaseException, ...]:
         """One error per failed attempt, oldest first."""
-        errors = self._errors
-        return () if errors is None else tuple(errors)
+        extras = self._extras
+        return () if extras is None or extras.errors is None else tuple(extras.errors)
 
     def done(self) -> bool:
         """True once the task succeeded, failed for good, or was cancelled."""
@@ -277,6 +291,13 @@ class TaskHandler:
     def cancelled(self) -> bool:
         return self._state is TaskState.CANCELLED
 
+    def _extras_locked(self) -> _Extras:
+        """`_extras`, made if need be. Call with the owner's lock held."""
+        extras = self._extras
+        if extras is None:
+            extras = self._extras = _Extras()
+        return extras
+
     # -- waiting ---------------------------------------------------------------
 
     def _wait(self, timeout: float | None) -> None:
@@ -286,9 +307,10 @@ class TaskHandler:
         with self._owner._lock:
             if self._state in _FINISHED:
                 return
-            waiter = self._waiter
+            extras = self._extras_locked()
+            waiter = extras.waiter
             if waiter is None:
-                waiter = self._waiter = threading.Event()
+                waiter = extras.waiter = threading.Event()
         if not waiter.wait(limit) and self._state not in _FINISHED:
             raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
 
@@ -329,25 +351,25 @@ class TaskHandler:
             raise TypeError(f"a done callback must be callable, not {fn!r}")
         with self._owner._lock:
             if self._state not in _FINISHED:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(fn)
+                extras = self._extras_locked()
+                if extras.callbacks is None:
+                    extras.callbacks = []
+                extras.callbacks.append(fn)
                 return
         self._run_callback(fn)
 
-    def _fire(
-        self,
-        waiter: threading.Event | None,
-        callbacks: list[Callable[[TaskHandler], object]] | None,
-    ) -> None:
+    def _fire(self, extras: _Extras | None) -> None:
         """Wake the waiters and run the callbacks of a handler that just finished.
 
-        Called once, by the thread that settled the handler, after the lock is released.
+        Called once, by the thread that settled the handler, after the lock is
+        released, with the `_extras` it read while settling.
         """
-        if waiter is not None:
-            waiter.set()
-        if callbacks:
-            for fn in callbacks:
+        if extras is None:
+            return
+        if extras.waiter is not None:
+            extras.waiter.set()
+        if extras.callbacks:
+            for fn in extras.callbacks:
                 self._run_callback(fn)
 
     def _run_callback(self, fn: Callable[[TaskHandler], object]) -> None:
@@ -403,7 +425,7 @@ class TaskHandler:
         Does nothing unless the task is pending (a cancelled, running or finished
         task is left alone). A failure with retries left goes to the scheduler.
         """
-        self._owner._execute(self, None)
+        self._owner._execute(self)
 
     def _parent_done(self, ctx: Context) -> None:
         """The ``context=`` option's context ended: the task is cancelled with it."""

@@ -12,15 +12,16 @@ puts pass the bound, which is what makes a task that submits into a full queue
 unable to deadlock the manager. Each run (`start()` to `stop()`) has its own queue;
 `stop()` closes it, so a put that was blocked on it can never land in a dead queue.
 
-Locking. `TaskManager._lock` guards the lifecycle state, the current queue and
-threads, the kept tasks, the counters, the running set, and the state of every
-handler this manager made (handlers have no lock of their own). `_changed`, a
-Condition on it, signals lifecycle changes and idleness. `_lifecycle` serializes
-`start()` with the first phase of `stop()`. Lock order: `_lifecycle` -> `_lock` ->
-(scheduler lock | queue mutex | context lock); nothing is ever taken the other way.
-No user code (tasks, callbacks, loggers, context callbacks) runs under `_lock`, and
-contexts are cancelled only outside it, because a cancellation may run callbacks
-that take it.
+Locking. One lock per manager, `TaskManager._lock`, guards everything shared: the
+lifecycle state, the current queue (it is the queue's own mutex, so a submission,
+or a worker's take-and-start, is one critical section), the threads, the kept
+tasks, the counters, the running set, and the state of every handler this manager
+made (handlers have no lock of their own). `_changed`, a Condition on it, signals
+lifecycle changes and idleness. `_lifecycle` serializes `start()` with the first
+phase of `stop()`. Lock order: `_lifecycle` -> `_lock` -> (scheduler lock | context
+lock); nothing is ever taken the other way. No user code (tasks, callbacks,
+loggers, context callbacks) runs under `_lock`, and contexts are cancelled only
+outside it, because a cancellation may run callbacks that take it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from . import _exit
 from ._log import DEBUG, Log
 from ._time import aware, seconds
 from .config import Config
-from .context import Context
+from .context import Context, attempt_context
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -50,7 +51,15 @@ from .errors import (
     Unschedulable,
     describe,
 )
-from .handler import TaskHandler, TaskState, default_name, parse_options, retry_delay
+from .handler import (
+    DEFAULT_OPTIONS,
+    TaskHandler,
+    TaskState,
+    _Extras,
+    default_name,
+    parse_options,
+    retry_delay,
+)
 from .scheduler import Scheduler
 
 __all__ = ["TaskManager"]
@@ -59,15 +68,25 @@ _PENDING = TaskState.PENDING
 _SCHEDULED = TaskState.SCHEDULED
 _RUNNING = TaskState.RUNNING
 
+_FUNCTION = types.FunctionType
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
-# `owner` is set on the threads a manager runs: such a thread must never block on a
-# full queue, and must not wait for the work it is part of (join, stop).
-_local = threading.local()
+# Returned by _begin_locked for a task whose ``context=`` ended before it started.
+_PARENT_DONE = Context()
+
+# An attempt that returned a value: (handler, its attempt's context, the value).
+_Success = tuple[TaskHandler, Context, Any]
+
+# The threads managers run, by ident, each mapped to its manager: such a thread must
+# never block on a full queue, nor wait for the work it is part of (join, stop).
+# Each entry is written only by the thread it names (set on entry, removed on
+# exit); single-key dict operations are atomic, so readers need no lock.
+_owners: dict[int, TaskManager] = {}
+_get_ident = threading.get_ident
 
 
-def _current_owner() -> object:
-    return getattr(_local, "owner", None)
+def _current_owner() -> TaskManager | None:
+    return _owners.get(_get_ident())
 
 
 class _Lifecycle(enum.Enum):
@@ -77,60 +96,87 @@ class _Lifecycle(enum.Enum):
 
 
 class _TaskQueue(queue.Queue[TaskHandler | None]):
-    """The bounded task queue of one run, with what `queue.Queue` lacks for it.
+    """The bounded task queue of one run: a `queue.Queue` on the manager's lock.
 
-    `offer` never blocks, `force` passes the bound (for the manager's own threads),
-    `put_blocking` gives up when the queue is closed, and `close` takes every task
-    out for safekeeping. All of it under the queue's own mutex, as `queue.Queue` does.
+    Sharing the lock makes a submission, or a worker's take-and-start, a single
+    critical section. The ``*_locked`` methods expect that lock held. Unlike
+    `queue.Queue`, they count the threads waiting on each Condition and notify only
+    when one waits: `Condition.notify()` probes its lock even when nobody waits,
+    which costs about as much as the rest of a put. Idle workers are woken one at a
+    time: a put wakes a worker only if no wake-up is already on its way, and a woken
+    worker that leaves items behind wakes the next. Waking all of them at once on
+    a burst makes them fight the producer for the GIL and costs throughput.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, lock: threading.Lock) -> None:
         super().__init__(maxsize)
+        self.mutex = lock
+        self.not_empty = threading.Condition(lock)
+        self.not_full = threading.Condition(lock)
+        self.all_tasks_done = threading.Condition(lock)
         self.closed = False
+        self._takers = 0  # workers waiting in take_locked()
+        self._waking = 0  # of those, notified and not yet running again
+        self._putters = 0  # producers waiting in put_blocking()
 
-    def offer(self, item: TaskHandler) -> bool:
-        with self.mutex:
-            if self._qsize() >= self.maxsize:
-                return False
-            self._put(item)
+    def force_locked(self, item: TaskHandler | None) -> None:
+        """Put, even past the bound: for the manager's own threads and stop signals."""
+        self.queue.append(item)
+        if self._takers > self._waking == 0:
+            self._waking = 1
             self.not_empty.notify()
-            return True
 
-    def force(self, item: TaskHandler | None) -> None:
-        with self.mutex:
-            self._put(item)
+    def take_locked(self) -> TaskHandler | None:
+        """Wait for the next item: a task, or None for "leave"."""
+        items = self.queue
+        while not items:
+            self._takers += 1
+            try:
+                self.not_empty.wait()
+            finally:
+                self._takers -= 1
+                if self._waking:
+                    self._waking -= 1
+        item: TaskHandler | None = items.popleft()
+        if items and self._takers > self._waking == 0:
+            self._waking = 1  # more to do: pass the wake-up on
             self.not_empty.notify()
+        if self._putters:
+            self.not_full.notify()
+        return item
 
     def put_blocking(self, item: TaskHandler) -> bool:
-        """Wait for room and put; False (nothing put) once the queue is closed."""
-        with self.not_full:
-            while not self.closed and self._qsize() >= self.maxsize:
-                self.not_full.wait()
+        """Wait for room and put; False (nothing put) once the queue is closed.
+
+        Takes the lock itself: called by a producer that holds nothing.
+        """
+        with self.mutex:
+            while not self.closed and len(self.queue) >= self.maxsize:
+                self._putters += 1
+                try:
+                    self.not_full.wait()
+                finally:
+                    self._putters -= 1
             if self.closed:
                 return False
-            self._put(item)
-            self.not_empty.notify()
+            self.force_locked(item)
             return True
 
-    def close(self, sentinels: int) -> list[TaskHandler]:
+    def close_locked(self, sentinels: int) -> list[TaskHandler]:
         """Take every task out, leave `sentinels` stop signals, refuse further puts."""
-        with self.mutex:
-            self.closed = True
-            tasks = [item for item in self.queue if item is not None]
-            self.queue.clear()
-            self.queue.extend([None] * sentinels)
-            self.not_empty.notify_all()
-            self.not_full.notify_all()
+        self.closed = True
+        tasks = [item for item in self.queue if item is not None]
+        self.queue.clear()
+        self.queue.extend([None] * sentinels)
+        self._waking = self._takers
+        self.not_empty.notify_all()
+        self.not_full.notify_all()
         return tasks
-
-    def snapshot(self) -> list[TaskHandler]:
-        with self.mutex:
-            return [item for item in self.queue if item is not None]
 
 
 def _callable_of(task: object) -> Callable[[Context], Any]:
     """What a worker calls: `task.do` for a `Task` object, else the callable itself."""
-    if type(task) is types.FunctionType or type(task) is types.MethodType:
+    if type(task) is _FUNCTION or type(task) is types.MethodType:
         return task
     do = getattr(task, "do", None)
     if callable(do):
@@ -166,8 +212,8 @@ class TaskManager:
         self._state = _Lifecycle.STOPPED
         self._queue: _TaskQueue | None = None
         self._threads: list[threading.Thread] = []
-        # Pending tasks between runs: queued when a stop timed out, or put back by a
-        # worker of a run that was stopped under it. Requeued first by start().
+        # Pending tasks between runs (queued when a stop timed out, or due while
+        # stopped); start() queues them first.
         self._kept: collections.deque[TaskHandler] = collections.deque()
         self._running: set[TaskHandler] = set()
         self._active = 0  # submitted and not finished: what join() waits for
@@ -206,11 +252,11 @@ class TaskManager:
                     if _current_owner() is self:
                         raise RuntimeError("start() from inside a task while stop() runs")
                     self._changed.wait()
-                q = _TaskQueue(self._config.queue_size)
+                q = _TaskQueue(self._config.queue_size, self._lock)
                 while self._kept:
                     handler = self._kept.popleft()
                     if handler._state is _PENDING:
-                        q.force(handler)
+                        q.force_locked(handler)
                 threads = [
                     threading.Thread(target=self._work, args=(q,), name=f"marionette-worker-{n}")
                     for n in range(1, self._config.workers + 1)
@@ -253,8 +299,9 @@ class TaskManager:
             if state is _Lifecycle.RUNNING:
                 assert q is not None
                 self._scheduler.stop()
-                for _ in threads:
-                    q.force(None)
+                with self._lock:
+                    for _ in threads:
+                        q.force_locked(None)
         if state is _Lifecycle.STOPPED:
             return
         if state is _Lifecycle.STOPPING:
@@ -270,8 +317,8 @@ class TaskManager:
             if thread is not me:
                 thread.join(_remaining(deadline))
         abandoned = any(t.is_alive() for t in threads if t is not me)
-        leftover = q.close(sentinels=len(threads))
         with self._lock:
+            leftover = q.close_locked(sentinels=len(threads))
             self._kept.extend(h for h in leftover if h._state is _PENDING)
             running = [h._ctx for h in self._running if h._ctx is not None] if abandoned else []
             self._queue, self._threads = None, []
@@ -323,7 +370,9 @@ class TaskManager:
             return task
         fn = _callable_of(task)
         options, name = parse_options(opts)
-        return TaskHandler(self, fn, options, name or default_name(task))
+        if name is None and fn is not task:  # a Task object: named after the object
+            name = default_name(task)
+        return TaskHandler(self, fn, options, name)
 
     def queue(self, task: Any, *, block: bool = True, **opts: Any) -> TaskHandler:
         """Run `task` as soon as a worker is free; returns its handler.
@@ -334,25 +383,35 @@ class TaskManager:
         """
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
-        handler = self.wrap_task(task, **opts)
+        if opts or type(task) is not _FUNCTION:
+            handler = self.wrap_task(task, **opts)
+        else:  # the hot path: a plain function and no options
+            handler = TaskHandler(self, task, DEFAULT_OPTIONS, None)
         waiting = False
         with self._lock:
-            if not self._admit_locked(handler):
+            if (
+                self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None
+            ) and not self._admit_locked(handler):
                 return handler
             q = self._queue
             assert q is not None
-            if not q.offer(handler):
-                if _current_owner() is not None:
-                    q.force(handler)
-                elif not block:
-                    raise QueueFull(f"the task queue is full ({q.maxsize} tasks)")
-                else:
-                    waiting = True
-            self._count_locked(handler, _PENDING)
+            if len(q.queue) < q.maxsize or _get_ident() in _owners:
+                q.force_locked(handler)
+            elif not block:
+                raise QueueFull(f"the task queue is full ({q.maxsize} tasks)")
+            else:
+                waiting = True
+            # _count_locked, inlined: this is the hot path
+            handler._submitted_at = time.monotonic()
+            self._active += 1
+            self._submitted += 1
+            if handler._opts.context is not None:
+                handler._opts.context._on_done(handler, handler._parent_done)
         if waiting and not q.put_blocking(handler):
             with self._lock:  # the run ended while we waited: keep it for the next one
                 self._enqueue_locked(handler)
-        self._check_parent(handler)
+        if handler._opts.context is not None:
+            self._check_parent(handler)
         return handler
 
     def delay(self, delay: float, task: Any, **opts: Any) -> TaskHandler:
@@ -395,6 +454,7 @@ class TaskManager:
                 return True
             if handler._state is TaskState.CANCELLED:
                 return False
+        # Submitted before, or being run by exec() without a submission.
         raise ValueError(f"{handler!r} was already submitted: a handler runs once")
 
     def _count_locked(self, handler: TaskHandler, state: TaskState) -> None:
@@ -418,7 +478,7 @@ class TaskManager:
         if q is None or q.closed:
             self._kept.append(handler)
         else:
-            q.force(handler)
+            q.force_locked(handler)
 
     # -- the scheduler's side ----------------------------------------------------
 
@@ -446,66 +506,144 @@ class TaskManager:
     # -- the workers' side -------------------------------------------------------
 
     def _work(self, q: _TaskQueue) -> None:
-        _local.owner = self
-        get, execute = q.get, self._execute
-        while (handler := get()) is not None:
-            try:
-                execute(handler, q)
-            except BaseException as exc:  # a worker outlives anything, even our bugs
-                self._log.error("worker error", task_id=handler.id, error=repr(exc))
+        ident = _get_ident()
+        _owners[ident] = self
+        try:
+            while True:
+                try:
+                    self._serve(q)
+                    return
+                except BaseException as exc:  # a worker outlives anything, even our bugs
+                    self._log.error("worker error", error=repr(exc))
+        finally:
+            del _owners[ident]
 
-    def _execute(self, handler: TaskHandler, q: object) -> None:
-        """Run one attempt of `handler` in this thread, then settle or retry it."""
+    def _serve(self, q: _TaskQueue) -> None:
+        """The worker loop, until it takes a stop signal.
+
+        A success is settled in the same critical section that takes the next task
+        (one lock round trip per task instead of two) unless the queue is empty:
+        then it is settled, and its waiters woken, before this worker waits.
+        """
+        lock, begin, run = self._lock, self._begin_locked, self._run
+        items = q.queue
+        done: _Success | None = None
+        while True:
+            handler: TaskHandler | None = None
+            ctx: Context | None = None
+            with lock:
+                if done is not None:
+                    extras = self._succeed_locked(*done)
+                take = done is None or bool(items)
+                if take:
+                    handler = q.take_locked()
+                    if handler is not None:
+                        ctx = begin(handler)
+            if done is not None:
+                self._announce(done[0], done[1], extras)
+                done = None
+            if not take:
+                continue
+            if handler is None:
+                return
+            if ctx is _PARENT_DONE:
+                handler.cancel()
+            elif ctx is not None:
+                done = run(handler, ctx)
+
+    def _execute(self, handler: TaskHandler) -> None:
+        """`TaskHandler.exec`: run one attempt in the calling thread."""
+        with self._lock:
+            ctx = self._begin_locked(handler)
+        if ctx is _PARENT_DONE:
+            handler.cancel()
+        elif ctx is not None:
+            done = self._run(handler, ctx)
+            if done is not None:
+                with self._lock:
+                    extras = self._succeed_locked(*done)
+                self._announce(handler, ctx, extras)
+
+    def _begin_locked(self, handler: TaskHandler) -> Context | None:
+        """Start an attempt of a pending `handler`: its context, or None to skip it.
+
+        Returns `_PARENT_DONE`, leaving the handler pending, when the ``context=``
+        it runs under has ended: the caller cancels it once the lock is released.
+        """
+        if handler._state is not _PENDING:
+            return None  # cancelled while queued, or run by exec() meanwhile
         opts = handler._opts
         parent = opts.context
-        if parent is not None and parent.done():
-            handler.cancel()
-            return
+        if parent is not None and (
+            parent._err is not None
+            or (parent._deadline is not None and parent._deadline <= time.monotonic())
+        ):
+            return _PARENT_DONE
+        if handler._submitted_at is None:  # exec() of a handler never submitted
+            self._count_locked(handler, _PENDING)
         deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
-        with self._lock:
-            if handler._state is not _PENDING or (q is not None and q is not self._queue):
-                if handler._state is _PENDING:  # its run was stopped under it: keep it
-                    self._kept.appendleft(handler)
-                return
-            if handler._submitted_at is None:  # exec() of a handler never submitted
-                self._count_locked(handler, _PENDING)
-            attempt = handler._attempts = handler._attempts + 1
-            ctx = handler._ctx = (parent or Context._background)._child(deadline, handler, attempt)
-            handler._state = _RUNNING
-            self._running.add(handler)
-            if ctx._deadline is not None:
-                self._scheduler.delay(ctx._deadline - time.monotonic(), ctx)
+        attempt = handler._attempts = handler._attempts + 1
+        ctx = handler._ctx = attempt_context(parent, deadline, handler, attempt)
+        handler._state = _RUNNING
+        self._running.add(handler)
+        if ctx._deadline is not None:
+            self._scheduler.delay(ctx._deadline - time.monotonic(), ctx)
+        return ctx
+
+    def _run(self, handler: TaskHandler, ctx: Context) -> _Success | None:
+        """Run the attempt `_begin_locked` started.
+
+        A failure is handled here (retry or settle). A success is returned for the
+        caller to settle with `_succeed_locked` and then `_announce`.
+        """
         try:
             value = handler._fn(ctx)
         except BaseException as exc:
             self._attempt_failed(handler, ctx, exc)
-            return
-        if ctx._deadline is not None and time.monotonic() >= ctx._deadline:
-            late = DeadlineExceeded(f"attempt {attempt} returned after its deadline")
-            self._attempt_failed(handler, ctx, late)
-            return
-        with self._lock:
-            self._end_attempt_locked(handler, ctx)
-            self._succeeded += 1
-            waiter, callbacks = self._settle_locked(handler, TaskState.SUCCEEDED, value)
-        ctx._detach()
-        handler._fire(waiter, callbacks)
+            return None
+        if ctx._deadline is not None:
+            if time.monotonic() >= ctx._deadline:
+                late = DeadlineExceeded(f"attempt {ctx.attempt} returned after its deadline")
+                self._attempt_failed(handler, ctx, late)
+                return None
+            self._scheduler.cancel(ctx)
+        return handler, ctx, value
+
+    def _succeed_locked(self, handler: TaskHandler, ctx: Context, value: Any) -> _Extras | None:
+        """Settle a success (`_end_attempt_locked` and `_settle_locked`, inlined:
+        this is the hot path); returns what `_announce` needs once unlocked."""
+        self._running.discard(handler)
+        handler._ctx = None
+        handler._state = TaskState.SUCCEEDED
+        handler._value = value
+        self._succeeded += 1
+        self._active -= 1
+        if self._active == 0 and self._joiners:
+            self._changed.notify_all()
+        parent = handler._opts.context
+        if parent is not None:
+            parent._forget(handler)
+        return handler._extras
+
+    def _announce(self, handler: TaskHandler, ctx: Context, extras: _Extras | None) -> None:
+        """After a success is settled and the lock released: wake, call back, log."""
+        if ctx._parent is not None:
+            ctx._detach()
+        if extras is not None:
+            handler._fire(extras)
         log = self._log
         if log.enabled(DEBUG):
-            log.debug("task completed", task_id=handler.id, task=handler.name, attempt=attempt)
+            log.debug("task completed", task_id=handler.id, task=handler.name, attempt=ctx.attempt)
 
     def _attempt_failed(self, handler: TaskHandler, ctx: Context, exc: BaseException) -> None:
         opts = handler._opts
         parent = opts.context
-        if handler._errors is None:
-            handler._errors = []
-        handler._errors.append(exc)
         attempt = handler._attempts
         delay: float | None = None
         cause: Exception | None = None
         if (
             isinstance(exc, Exception)
-            and not handler._cancelling
+            and not (handler._extras is not None and handler._extras.cancelling)
             and not (parent is not None and parent.done())
         ):
             assert handler._submitted_at is not None
@@ -516,24 +654,28 @@ class TaskManager:
         # Built before taking the lock: it formats user exceptions.
         final: BaseException | None = None
         if delay is None:
-            final = exc if not isinstance(exc, Exception) else self._task_error(handler)
+            final = exc if not isinstance(exc, Exception) else self._task_error(handler, exc)
             if cause is not None:
                 final.__cause__ = cause
         with self._lock:
             self._end_attempt_locked(handler, ctx)
-            cancelled = handler._cancelling or (
+            extras = handler._extras_locked()
+            if extras.errors is None:
+                extras.errors = []
+            extras.errors.append(exc)
+            cancelled = extras.cancelling or (
                 parent is not None and isinstance(parent._err, Cancelled)
             )
             if cancelled:
                 self._cancelled += 1
-                waiter, callbacks = self._settle_locked(handler, TaskState.CANCELLED, None)
+                self._settle_locked(handler, TaskState.CANCELLED, None)
             elif delay is not None:
                 handler._state = _SCHEDULED
                 self._retried += 1
                 self._scheduler.delay(delay, handler)
             else:
                 self._failed += 1
-                waiter, callbacks = self._settle_locked(handler, TaskState.FAILED, final)
+                self._settle_locked(handler, TaskState.FAILED, final)
         ctx._detach()
         log = self._log
         if not cancelled and delay is not None:
@@ -546,7 +688,7 @@ class TaskManager:
                 error=describe(exc),
             )
             return
-        handler._fire(waiter, callbacks)
+        handler._fire(extras)
         if cancelled:
             if log.enabled(DEBUG):
                 log.debug("task cancelled", task_id=handler.id, task=handler.name, attempt=attempt)
@@ -563,10 +705,11 @@ class TaskManager:
                 error=describe(exc),
             )
 
-    def _task_error(self, handler: TaskHandler) -> TaskError:
+    def _task_error(self, handler: TaskHandler, last: Exception) -> TaskError:
+        """The final error of a task whose attempt just failed with `last`."""
         assert handler._submitted_at is not None
         return TaskError.build(
-            [e for e in handler.errors if isinstance(e, Exception)],
+            [*(e for e in handler.errors if isinstance(e, Exception)), last],
             attempts=handler._attempts,
             duration=time.monotonic() - handler._submitted_at,
             error=handler._opts.error,
@@ -580,10 +723,8 @@ class TaskManager:
         if ctx._deadline is not None:
             self._scheduler.cancel(ctx)
 
-    def _settle_locked(
-        self, handler: TaskHandler, state: TaskState, value: Any
-    ) -> tuple[threading.Event | None, list[Callable[[TaskHandler], object]] | None]:
-        """Finish `handler`; the caller fires what this returns once unlocked."""
+    def _settle_locked(self, handler: TaskHandler, state: TaskState, value: Any) -> None:
+        """Finish `handler`; the caller then fires `handler._extras` once unlocked."""
         handler._state = state
         handler._value = value
         if handler._submitted_at is not None:
@@ -593,7 +734,6 @@ class TaskManager:
             parent = handler._opts.context
             if parent is not None:
                 parent._forget(handler)
-        return handler._waiter, handler._callbacks
 
     def _cancel(self, handler: TaskHandler) -> bool:
         """`TaskHandler.cancel`: see there."""
@@ -602,14 +742,15 @@ class TaskManager:
             if state is TaskState.CANCELLED:
                 return True
             if state is _RUNNING:
-                handler._cancelling = True
+                handler._extras_locked().cancelling = True
                 ctx = handler._ctx
             elif state is _PENDING or state is _SCHEDULED:
                 if state is _SCHEDULED:
                     self._scheduler.cancel(handler)
                 if handler._submitted_at is not None:
                     self._cancelled += 1
-                waiter, callbacks = self._settle_locked(handler, TaskState.CANCELLED, None)
+                self._settle_locked(handler, TaskState.CANCELLED, None)
+                extras = handler._extras
                 ctx = None
             else:
                 return False
@@ -617,7 +758,7 @@ class TaskManager:
             if ctx is not None:
                 ctx.cancel()
             return False
-        handler._fire(waiter, callbacks)
+        handler._fire(extras)
         log = self._log
         if log.enabled(DEBUG):
             log.debug("task cancelled", task_id=handler.id, task=handler.name)
