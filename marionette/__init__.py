@@ -18,9 +18,12 @@ from .errors import (
     TaskManagerStopped,
     Unschedulable,
 )
+from .events import TaskEvent, TaskEventKind
 from .handler import Task, TaskHandler, TaskState
 from .manager import TaskManager
+from .periodic import Periodic
 from .scheduler import Scheduler
+from .stats import GroupStats, Stats
 
 __all__ = [
     "Cancelled",
@@ -28,13 +31,18 @@ __all__ = [
     "ConfigError",
     "Context",
     "DeadlineExceeded",
+    "GroupStats",
     "MarionetteError",
     "NoServerName",
     "NoWorkers",
+    "Periodic",
     "QueueFull",
     "Scheduler",
+    "Stats",
     "Task",
     "TaskError",
+    "TaskEvent",
+    "TaskEventKind",
     "TaskHandler",
     "TaskManager",
     "TaskManagerStopped",

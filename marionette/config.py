@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, NoServerName, NoWorkers
@@ -29,13 +30,16 @@ class Config:
     `server_name` (default ``"marionette"``) is bound into every log line as
     ``server``; empty raises `NoServerName`. `logger` is a structlog logger (a stdlib
     `logging.Logger` is also accepted and wrapped); None logs through the stdlib
-    logger named ``marionette``. A value of the wrong type raises `TypeError`.
+    logger named ``marionette``. `limits` maps a group name to the most tasks of
+    that group running at once (each an int >= 1, else `ConfigError`); it is copied
+    into a read-only mapping. A value of the wrong type raises `TypeError`.
     """
 
     logger: Any = None
     workers: int = 4
     queue_size: int = 64
     server_name: str = "marionette"
+    limits: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, 1, NoWorkers)
@@ -48,6 +52,13 @@ class Config:
                 field="server_name",
                 value=self.server_name,
             )
+        if not isinstance(self.limits, Mapping):
+            raise TypeError(f"limits must be a mapping of group name to int, not {self.limits!r}")
+        for group, limit in self.limits.items():
+            if not isinstance(group, str) or not group:
+                raise TypeError(f"limits: a group name must be a non-empty str, not {group!r}")
+            _check_int(f"limits[{group!r}]", limit, 1, ConfigError)
+        object.__setattr__(self, "limits", types.MappingProxyType(dict(self.limits)))
         logger = self.logger
         if logger is not None and not isinstance(logger, logging.Logger):
             missing = [
@@ -65,7 +76,8 @@ class Config:
     def from_env(
         cls, prefix: str = "MARIONETTE_", environ: Mapping[str, str] | None = None
     ) -> Config:
-        """Read ``{prefix}WORKERS``, ``{prefix}QUEUE_SIZE`` and ``{prefix}SERVER_NAME``.
+        """Read ``{prefix}WORKERS``, ``{prefix}QUEUE_SIZE``, ``{prefix}SERVER_NAME`` and
+        ``{prefix}LIMITS`` (``"http=2,db=4"``).
 
         `environ` defaults to `os.environ`, read at call time. Unset variables keep
         their defaults. A malformed or invalid value raises `ConfigError` (or its
@@ -73,6 +85,9 @@ class Config:
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        raw_limits = env.get(prefix + "LIMITS")
+        if raw_limits is not None:
+            values["limits"] = _parse_limits(prefix + "LIMITS", raw_limits)
         for name in ("workers", "queue_size", "server_name"):
             variable = prefix + name.upper()
             raw = env.get(variable)
@@ -90,7 +105,26 @@ class Config:
         try:
             return cls(**values)
         except ConfigError as exc:
-            variable = prefix + str(exc.field).upper()
+            name = str(exc.field)
+            variable = prefix + ("LIMITS" if name.startswith("limits") else name.upper())
             raise type(exc)(
                 f"{variable}={env.get(variable)!r}: {exc}", field=variable, value=exc.value
             ) from exc
+
+
+def _parse_limits(variable: str, raw: str) -> dict[str, int]:
+    """``"http=2, db=4"`` -> ``{"http": 2, "db": 4}``; an empty string is no limits."""
+    limits: dict[str, int] = {}
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        group, sep, value = part.partition("=")
+        try:
+            if not sep or not group.strip():
+                raise ValueError(part)
+            limits[group.strip()] = int(value.strip())
+        except ValueError:
+            raise ConfigError(
+                f"{variable} must look like 'http=2,db=4', not {raw!r}", field=variable, value=raw
+            ) from None
+    return limits

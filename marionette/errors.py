@@ -75,14 +75,20 @@ class DeadlineExceeded(MarionetteError, TimeoutError):
         super().__init__(message)
 
 
+def text(value: object) -> str:
+    """`str(value)`, or a placeholder when its __str__ raises: a failure must be
+    reportable whatever the objects involved."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
 def describe(exc: BaseException) -> str:
     """``"Type: message"``, or just the type name when the message is empty."""
-    try:
-        text = str(exc)
-    except Exception:  # an exception whose __str__ raises must still be reported
-        text = "<unprintable>"
+    message = text(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    return f"{name}: {message}" if message else name
 
 
 class TaskError(MarionetteError, ExceptionGroup[Exception]):
@@ -144,7 +150,7 @@ class TaskError(MarionetteError, ExceptionGroup[Exception]):
         if errors:
             message += f": {describe(errors[-1])}"
         if error is not None:
-            message = f"{error} ({message})"
+            message = f"{text(error)} ({message})"
         return cls(
             message,
             errors,
@@ -178,7 +184,7 @@ class TaskError(MarionetteError, ExceptionGroup[Exception]):
             "duration": round(self.duration, 3),
         }
         if self.error is not None:
-            out["error"] = str(self.error)
+            out["error"] = text(self.error)
         for number, exc in enumerate(self.exceptions, start=1):
             out[f"attempt_{number}"] = describe(exc)
         return out

@@ -20,15 +20,18 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import tenacity
 
-from ._time import seconds
+from ._time import monotonic_to_utc, seconds
 from .context import Context
 
 if TYPE_CHECKING:
     from ._log import Log
+    from .periodic import Periodic
+    from .scheduler import Scheduler
 
 __all__ = ["Task", "TaskHandler", "TaskState"]
 
@@ -61,6 +64,7 @@ class _Owner(Protocol):
 
     _lock: threading.Lock
     _log: Log
+    _scheduler: Scheduler[Any]
 
     def _cancel(self, handler: TaskHandler) -> bool: ...
     def _execute(self, handler: TaskHandler) -> None: ...
@@ -77,7 +81,7 @@ DEFAULT_BACKOFF = tenacity.wait_exponential(
 DEFAULT_RETRY = tenacity.retry_if_exception_type(Exception)
 
 _OPTION_NAMES = frozenset(
-    {"retries", "backoff", "retry", "stop", "timeout", "context", "error", "name"}
+    {"retries", "backoff", "retry", "stop", "timeout", "context", "error", "name", "key", "group"}
 )
 
 Strategy = Callable[[tenacity.RetryCallState], Any]
@@ -94,6 +98,14 @@ class Options:
     timeout: float | None = None
     context: Context | None = None
     error: BaseException | str | None = None
+    #: One pending instance per key (see `TaskManager.get`).
+    key: str | None = None
+    #: The concurrency group (see `Config.limits`).
+    group: str | None = None
+    #: The periodic this submission is a run of.
+    periodic: Periodic | None = None
+    #: Whether a gate (key, group, periodic) must be passed: one check on the hot path.
+    gated: bool = False
 
 
 DEFAULT_OPTIONS = Options()
@@ -134,6 +146,10 @@ def parse_options(opts: Mapping[str, Any]) -> tuple[Options, str | None]:
     name = opts.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"name must be a non-empty str, not {name!r}")
+    key, group = opts.get("key"), opts.get("group")
+    for option, value in (("key", key), ("group", group)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{option} must be a non-empty str, not {value!r}")
     retry, stop = opts.get("retry"), opts.get("stop")
     for option, value in (("retry", retry), ("stop", stop)):
         if value is not None and not callable(value):
@@ -147,6 +163,9 @@ def parse_options(opts: Mapping[str, Any]) -> tuple[Options, str | None]:
             timeout=timeout,
             context=context,
             error=error,
+            key=key,
+            group=group,
+            gated=key is not None or group is not None,
         ),
         name,
     )
@@ -206,12 +225,14 @@ class _Extras:
     `waiter` and `callbacks` never change again.
     """
 
-    __slots__ = ("callbacks", "cancelling", "errors", "waiter")
+    __slots__ = ("callbacks", "cancelling", "errors", "futures", "waiter")
 
     def __init__(self) -> None:
         self.waiter: threading.Event | None = None
         self.callbacks: list[Callable[[TaskHandler], object]] | None = None
         self.errors: list[BaseException] | None = None
+        #: Futures from `as_future` still to be marked running by the first attempt.
+        self.futures: list[concurrent.futures.Future[Any]] | None = None
         #: cancel() was called while an attempt ran: do not retry it.
         self.cancelling = False
 
@@ -226,6 +247,7 @@ class TaskHandler:
     __slots__ = (
         "_attempts",
         "_ctx",
+        "_due",
         "_extras",
         "_fn",
         "_name",
@@ -254,6 +276,8 @@ class TaskHandler:
         self._ctx: Context | None = None
         self._extras: _Extras | None = None
         self._submitted_at: float | None = None
+        # While it waits: the time.monotonic() at which it is or was due.
+        self._due = 0.0
 
     # -- reading ---------------------------------------------------------------
 
@@ -268,6 +292,21 @@ class TaskHandler:
     @property
     def state(self) -> TaskState:
         return self._state
+
+    @property
+    def due(self) -> datetime | None:
+        """When it is (or was) due while it waits (aware UTC); None once it runs or ends.
+
+        None too for a handler that was wrapped and never submitted.
+        """
+        state = self._state
+        if state is TaskState.SCHEDULED:
+            at = self._owner._scheduler.due(self)
+            if at is not None:
+                return at
+        elif state is not TaskState.PENDING or self._submitted_at is None:
+            return None
+        return monotonic_to_utc(self._due)
 
     @property
     def attempts(self) -> int:
@@ -383,21 +422,37 @@ class TaskHandler:
     def as_future(self) -> concurrent.futures.Future[Any]:
         """A new `concurrent.futures.Future` that settles when this handler does.
 
-        For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`.
-        Cancelling the future cancels the task (if it has not started).
+        For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`. It
+        is RUNNING from the start of the task's first attempt, so, as with an
+        executor's future, `cancel()` succeeds (and cancels the task) only before
+        that; cancelling it afterwards returns False.
         """
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._owner._lock:
+            if self._attempts == 0 and self._state in (TaskState.PENDING, TaskState.SCHEDULED):
+                extras = self._extras_locked()
+                if extras.futures is None:
+                    extras.futures = []
+                extras.futures.append(future)  # marked running by the first attempt
+            elif self._state not in _FINISHED:
+                future.set_running_or_notify_cancel()
 
         def settle(handler: TaskHandler) -> None:
+            if future.done():
+                return
             state = handler._state
             if state is TaskState.CANCELLED:
-                future.cancel()
-                future.set_running_or_notify_cancel()
-            elif future.set_running_or_notify_cancel():
-                if state is TaskState.SUCCEEDED:
-                    future.set_result(handler._value)
-                else:
-                    future.set_exception(handler._value)
+                if future.cancel():
+                    future.set_running_or_notify_cancel()
+                else:  # already running: report the cancellation as its outcome
+                    future.set_exception(concurrent.futures.CancelledError())
+                return
+            if not future.running() and not future.set_running_or_notify_cancel():
+                return
+            if state is TaskState.SUCCEEDED:
+                future.set_result(handler._value)
+            else:
+                future.set_exception(handler._value)
 
         def propagate(f: concurrent.futures.Future[Any]) -> None:
             if f.cancelled():
@@ -406,6 +461,16 @@ class TaskHandler:
         future.add_done_callback(propagate)
         self.add_done_callback(settle)
         return future
+
+    def _start_futures_locked(self) -> bool:
+        """Mark the futures of `as_future` running as the first attempt starts;
+        False if one was cancelled meanwhile (its callback cancels the task)."""
+        extras = self._extras
+        if extras is None or extras.futures is None:
+            return True
+        futures, extras.futures = extras.futures, None
+        started = [f.set_running_or_notify_cancel() for f in futures]
+        return all(started)
 
     # -- acting ----------------------------------------------------------------
 

@@ -2,26 +2,34 @@
 
 Threads. `workers` threads (``marionette-worker-N``) block on a bounded task queue
 and leave on a ``None`` sentinel; the scheduler thread (``marionette-scheduler``)
-puts due tasks and retries back into that queue. Nothing polls. A failed attempt
-with retries left goes to the scheduler with its backoff: no worker ever sleeps.
+puts due tasks, retries and periodic runs back into that queue; a listener thread
+(``marionette-listener``) exists only while listeners do. Nothing polls. A failed
+attempt with retries left goes to the scheduler with its backoff: no worker sleeps.
 
 The queue. External producers get back pressure: `queue()` blocks while the queue
 is full (or raises `QueueFull` with ``block=False``). The manager's own threads
-(workers, so tasks submitting tasks, and the scheduler) never block on it: their
-puts pass the bound, which is what makes a task that submits into a full queue
-unable to deadlock the manager. Each run (`start()` to `stop()`) has its own queue;
-`stop()` closes it, so a put that was blocked on it can never land in a dead queue.
+(workers, so tasks submitting tasks, the listener thread, and the scheduler) never
+block on it: their puts pass the bound, which is what makes a task that submits
+into a full queue unable to deadlock the manager. Each run (`start()` to `stop()`)
+has its own queue; `stop()` closes it, so a put that was blocked on it can never
+land in a dead queue.
+
+Gates. A task with a key, a group, or a periodic behind it is checked when a worker
+is about to start it (`_begin_locked`): if its key's other instance still runs, or
+its group is at its limit, it is parked (holding no worker) and put back at the
+front of the queue when the gate opens.
 
 Locking. One lock per manager, `TaskManager._lock`, guards everything shared: the
 lifecycle state, the current queue (it is the queue's own mutex, so a submission,
-or a worker's take-and-start, is one critical section), the threads, the kept
-tasks, the counters, the running set, and the state of every handler this manager
-made (handlers have no lock of their own). `_changed`, a Condition on it, signals
-lifecycle changes and idleness. `_lifecycle` serializes `start()` with the first
-phase of `stop()`. Lock order: `_lifecycle` -> `_lock` -> (scheduler lock | context
-lock); nothing is ever taken the other way. No user code (tasks, callbacks,
-loggers, context callbacks) runs under `_lock`, and contexts are cancelled only
-outside it, because a cancellation may run callbacks that take it.
+or a worker's settle-take-and-start, is one critical section), the threads, the
+kept tasks, the counters, the running set, the keys and groups, the periodics,
+the event buffer, and the state of every handler this manager made (handlers have
+no lock of their own). `_changed`, a Condition on it, signals lifecycle changes and
+idleness. `_lifecycle` serializes `start()` with the first phase of `stop()`. Lock
+order: `_lifecycle` -> `_lock` -> (scheduler lock | context lock); nothing is ever
+taken the other way. No user code (tasks, callbacks, loggers, listeners, context
+callbacks) runs under `_lock`, and contexts are cancelled only outside it, because
+a cancellation may run callbacks that take it.
 """
 
 from __future__ import annotations
@@ -29,16 +37,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import queue
 import threading
 import time
 import types
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
-from . import _exit
+from . import _threads
+from ._gates import Group, Slot
 from ._log import DEBUG, Log
+from ._queue import TaskQueue
+from ._threads import owners
 from ._time import aware, seconds
 from .config import Config
 from .context import Context, attempt_context
@@ -51,8 +61,10 @@ from .errors import (
     Unschedulable,
     describe,
 )
+from .events import Dispatcher, TaskEvent, TaskEventKind
 from .handler import (
     DEFAULT_OPTIONS,
+    Options,
     TaskHandler,
     TaskState,
     _Extras,
@@ -60,16 +72,21 @@ from .handler import (
     parse_options,
     retry_delay,
 )
+from .periodic import Periodic, parse_cron, parse_zone
+from .periodic import _State as _PeriodicState
 from .scheduler import Scheduler
+from .stats import GroupStats, Stats
 
 __all__ = ["TaskManager"]
 
 _PENDING = TaskState.PENDING
 _SCHEDULED = TaskState.SCHEDULED
 _RUNNING = TaskState.RUNNING
+_Kind = TaskEventKind
 
 _FUNCTION = types.FunctionType
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+_get_ident = threading.get_ident
 
 # Returned by _begin_locked for a task whose ``context=`` ended before it started.
 _PARENT_DONE = Context()
@@ -77,101 +94,11 @@ _PARENT_DONE = Context()
 # An attempt that returned a value: (handler, its attempt's context, the value).
 _Success = tuple[TaskHandler, Context, Any]
 
-# The threads managers run, by ident, each mapped to its manager: such a thread must
-# never block on a full queue, nor wait for the work it is part of (join, stop).
-# Each entry is written only by the thread it names (set on entry, removed on
-# exit); single-key dict operations are atomic, so readers need no lock.
-_owners: dict[int, TaskManager] = {}
-_get_ident = threading.get_ident
-
-
-def _current_owner() -> TaskManager | None:
-    return _owners.get(_get_ident())
-
 
 class _Lifecycle(enum.Enum):
     STOPPED = "stopped"
     RUNNING = "running"
     STOPPING = "stopping"
-
-
-class _TaskQueue(queue.Queue[TaskHandler | None]):
-    """The bounded task queue of one run: a `queue.Queue` on the manager's lock.
-
-    Sharing the lock makes a submission, or a worker's take-and-start, a single
-    critical section. The ``*_locked`` methods expect that lock held. Unlike
-    `queue.Queue`, they count the threads waiting on each Condition and notify only
-    when one waits: `Condition.notify()` probes its lock even when nobody waits,
-    which costs about as much as the rest of a put. Idle workers are woken one at a
-    time: a put wakes a worker only if no wake-up is already on its way, and a woken
-    worker that leaves items behind wakes the next. Waking all of them at once on
-    a burst makes them fight the producer for the GIL and costs throughput.
-    """
-
-    def __init__(self, maxsize: int, lock: threading.Lock) -> None:
-        super().__init__(maxsize)
-        self.mutex = lock
-        self.not_empty = threading.Condition(lock)
-        self.not_full = threading.Condition(lock)
-        self.all_tasks_done = threading.Condition(lock)
-        self.closed = False
-        self._takers = 0  # workers waiting in take_locked()
-        self._waking = 0  # of those, notified and not yet running again
-        self._putters = 0  # producers waiting in put_blocking()
-
-    def force_locked(self, item: TaskHandler | None) -> None:
-        """Put, even past the bound: for the manager's own threads and stop signals."""
-        self.queue.append(item)
-        if self._takers > self._waking == 0:
-            self._waking = 1
-            self.not_empty.notify()
-
-    def take_locked(self) -> TaskHandler | None:
-        """Wait for the next item: a task, or None for "leave"."""
-        items = self.queue
-        while not items:
-            self._takers += 1
-            try:
-                self.not_empty.wait()
-            finally:
-                self._takers -= 1
-                if self._waking:
-                    self._waking -= 1
-        item: TaskHandler | None = items.popleft()
-        if items and self._takers > self._waking == 0:
-            self._waking = 1  # more to do: pass the wake-up on
-            self.not_empty.notify()
-        if self._putters:
-            self.not_full.notify()
-        return item
-
-    def put_blocking(self, item: TaskHandler) -> bool:
-        """Wait for room and put; False (nothing put) once the queue is closed.
-
-        Takes the lock itself: called by a producer that holds nothing.
-        """
-        with self.mutex:
-            while not self.closed and len(self.queue) >= self.maxsize:
-                self._putters += 1
-                try:
-                    self.not_full.wait()
-                finally:
-                    self._putters -= 1
-            if self.closed:
-                return False
-            self.force_locked(item)
-            return True
-
-    def close_locked(self, sentinels: int) -> list[TaskHandler]:
-        """Take every task out, leave `sentinels` stop signals, refuse further puts."""
-        self.closed = True
-        tasks = [item for item in self.queue if item is not None]
-        self.queue.clear()
-        self.queue.extend([None] * sentinels)
-        self._waking = self._takers
-        self.not_empty.notify_all()
-        self.not_full.notify_all()
-        return tasks
 
 
 def _callable_of(task: object) -> Callable[[Context], Any]:
@@ -189,9 +116,10 @@ def _callable_of(task: object) -> Callable[[Context], Any]:
 class TaskManager:
     """Runs tasks on a fixed pool of worker threads, now, later, or again on failure.
 
-    `start()` it, submit with `queue` / `delay` / `schedule`, and `stop()` it (or use
-    ``with TaskManager(...) as tm:``). Every method may be called from any thread,
-    including from inside a task; which ones block is said on each.
+    `start()` it, submit with `queue` / `delay` / `schedule` (or `every` / `cron`),
+    and `stop()` it (or use ``with TaskManager(...) as tm:``). Every method may be
+    called from any thread, including from inside a task or a listener; which ones
+    block is said on each.
     """
 
     def __init__(self, config: Config | None = None, **overrides: Any) -> None:
@@ -210,17 +138,28 @@ class TaskManager:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._state = _Lifecycle.STOPPED
-        self._queue: _TaskQueue | None = None
+        self._started_at = 0.0
+        self._queue: TaskQueue | None = None
         self._threads: list[threading.Thread] = []
         # Pending tasks between runs (queued when a stop timed out, or due while
         # stopped); start() queues them first.
         self._kept: collections.deque[TaskHandler] = collections.deque()
         self._running: set[TaskHandler] = set()
+        self._keys: dict[str, Slot] = {}
+        # Tasks a gate holds (their key's other instance runs, or their group is
+        # full), in the order they were held; released to the front of the queue.
+        self._parked: dict[TaskHandler, None] = {}
+        self._groups = {name: Group(name, n) for name, n in config.limits.items()}
         self._active = 0  # submitted and not finished: what join() waits for
+        self._scheduled = 0  # of those, waiting in the scheduler
+        self._foreign = 0  # attempts run by exec() rather than by a worker
         self._joiners = 0
         self._submitted = self._succeeded = self._failed = 0
-        self._retried = self._cancelled = 0
-        self._scheduler: Scheduler[TaskHandler | Context] = Scheduler(self._on_due, self._log)
+        self._retried = self._cancelled = self._coalesced = 0
+        self._events = Dispatcher(self, self._lock, self._log, "marionette")
+        self._scheduler: Scheduler[TaskHandler | Context | Periodic] = Scheduler(
+            self._on_due, self._log
+        )
 
     # -- properties --------------------------------------------------------------
 
@@ -230,7 +169,7 @@ class TaskManager:
 
     @property
     def scheduler(self) -> Scheduler[Any]:
-        """The manager's scheduler (delayed tasks, retries, deadline watches)."""
+        """The manager's scheduler (delayed tasks, retries, periodics, deadline watches)."""
         return self._scheduler
 
     def is_running(self) -> bool:
@@ -249,10 +188,10 @@ class TaskManager:
                 if self._state is _Lifecycle.RUNNING:
                     return
                 while self._state is _Lifecycle.STOPPING:
-                    if _current_owner() is self:
+                    if _threads.current_owner() is self:
                         raise RuntimeError("start() from inside a task while stop() runs")
                     self._changed.wait()
-                q = _TaskQueue(self._config.queue_size, self._lock)
+                q = TaskQueue(self._config.queue_size, self._lock)
                 while self._kept:
                     handler = self._kept.popleft()
                     if handler._state is _PENDING:
@@ -261,13 +200,17 @@ class TaskManager:
                     threading.Thread(target=self._work, args=(q,), name=f"marionette-worker-{n}")
                     for n in range(1, self._config.workers + 1)
                 ]
+                listener = self._events.start_locked()
                 self._queue, self._threads = q, threads
                 self._state = _Lifecycle.RUNNING
+                self._started_at = time.monotonic()
                 self._changed.notify_all()
             for thread in threads:
                 thread.start()
+            if listener is not None:
+                listener.start()
             self._scheduler.start()
-        _exit.track(self)
+        _threads.track(self)
         self._log.info(
             "task manager started",
             workers=self._config.workers,
@@ -278,24 +221,26 @@ class TaskManager:
         """Stop gracefully; from its first instant, new submissions raise.
 
         Stops the scheduler, lets the workers finish every queued and running task,
-        and returns when they have. Delayed and scheduled tasks not yet due, and
-        retries waiting for their backoff, are kept for the next `start()`. With a
-        `timeout` (seconds or `timedelta`) that expires, the contexts of running
-        tasks are cancelled, the tasks still queued are kept for the next `start()`,
-        and it returns; a task that ignores its context runs on in its thread.
-        A no-op when not running; while another thread stops it, waits for that.
-        From inside a task it does not wait for the calling task (it cannot): tasks
-        that only the calling worker could still have run are kept.
+        delivers every event to the listeners, and returns when all that is done.
+        Delayed and scheduled tasks not yet due, retries waiting for their backoff,
+        and periodics are kept for the next `start()`. With a `timeout` (seconds or
+        `timedelta`) that expires, the contexts of running tasks are cancelled, the
+        tasks still queued are kept for the next `start()`, and it returns; a task
+        that ignores its context runs on in its thread. A no-op when not running;
+        while another thread stops it, waits for that. From inside a task (or a
+        listener) it does not wait for the calling task (it cannot): tasks that
+        only the calling worker could still have run are kept.
         """
         limit = None if timeout is None else seconds(timeout, "timeout", allow_negative=False)
         deadline = None if limit is None else time.monotonic() + limit
-        inside = _current_owner() is self
+        inside = _threads.current_owner() is self
         with self._lifecycle:
             with self._lock:
                 state = self._state
                 if state is _Lifecycle.RUNNING:
                     self._state = _Lifecycle.STOPPING
                     q, threads = self._queue, self._threads
+                    self._events.unbound_locked()
             if state is _Lifecycle.RUNNING:
                 assert q is not None
                 self._scheduler.stop()
@@ -321,13 +266,16 @@ class TaskManager:
             leftover = q.close_locked(sentinels=len(threads))
             self._kept.extend(h for h in leftover if h._state is _PENDING)
             running = [h._ctx for h in self._running if h._ctx is not None] if abandoned else []
+            kept = len(self._kept) + self._scheduled
+        for ctx in running:
+            ctx.cancel()
+        self._events.drain(deadline)
+        with self._lock:
             self._queue, self._threads = None, []
             self._state = _Lifecycle.STOPPED
             self._changed.notify_all()
-        for ctx in running:
-            ctx.cancel()
-        _exit.untrack(self)
-        self._log.info("task manager stopped", kept=len(leftover), abandoned=len(running))
+        _threads.untrack(self)
+        self._log.info("task manager stopped", kept=kept, abandoned=len(running))
 
     def __enter__(self) -> TaskManager:
         self.start()
@@ -339,11 +287,12 @@ class TaskManager:
     def join(self, timeout: float | None = None) -> bool:
         """Block until no task is queued, running, delayed or waiting for a retry.
 
-        Returns False if `timeout` seconds pass first. From inside a task it raises
-        `RuntimeError`: it would wait for itself. On a stopped manager that kept
-        tasks, it waits for a `start()` to run them.
+        Future runs of a periodic are not waited for, only runs already due.
+        Returns False if `timeout` seconds pass first. From inside a task or a
+        listener it raises `RuntimeError`: it would wait for itself. On a stopped
+        manager that kept tasks, it waits for a `start()` to run them.
         """
-        if _current_owner() is self:
+        if _threads.current_owner() is self:
             raise RuntimeError("join() from inside a task would wait for that task itself")
         limit = None if timeout is None else min(seconds(timeout, "timeout"), threading.TIMEOUT_MAX)
         with self._lock:
@@ -360,7 +309,8 @@ class TaskManager:
 
         `wrap_task(handler)` returns the same handler; options cannot be given with
         one (`TypeError`). A task is a callable ``fn(ctx)`` or an object with a
-        ``do(ctx)`` method; anything else raises `TypeError`.
+        ``do(ctx)`` method; anything else raises `TypeError`. An unknown ``group=``
+        raises `ValueError`.
         """
         if isinstance(task, TaskHandler):
             if opts:
@@ -368,18 +318,27 @@ class TaskManager:
             if task._owner is not self:
                 raise ValueError(f"{task!r} belongs to another TaskManager")
             return task
+        fn, options, name = self._prepare(task, opts)
+        return TaskHandler(self, fn, options, name)
+
+    def _prepare(self, task: Any, opts: dict[str, Any]) -> tuple[Any, Options, str | None]:
         fn = _callable_of(task)
         options, name = parse_options(opts)
+        if options.group is not None and options.group not in self._groups:
+            raise ValueError(
+                f"unknown group {options.group!r}: configure it in Config.limits or set_limit()"
+            )
         if name is None and fn is not task:  # a Task object: named after the object
             name = default_name(task)
-        return TaskHandler(self, fn, options, name)
+        return fn, options, name
 
     def queue(self, task: Any, *, block: bool = True, **opts: Any) -> TaskHandler:
         """Run `task` as soon as a worker is free; returns its handler.
 
         Blocks while the queue is full (back pressure); with ``block=False`` raises
-        `QueueFull` instead. From inside a task it never blocks. Raises
-        `TaskManagerStopped` unless running.
+        `QueueFull` instead. From inside a task or a listener it never blocks.
+        Raises `TaskManagerStopped` unless running. With ``key=``, returns the
+        key's pending instance if there is one.
         """
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
@@ -389,88 +348,139 @@ class TaskManager:
             handler = TaskHandler(self, task, DEFAULT_OPTIONS, None)
         waiting = False
         with self._lock:
-            if (
-                self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None
-            ) and not self._admit_locked(handler):
+            if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
+                self._admit_locked(handler)
+            if handler._opts.key is not None:
+                existing = self._claim_key_locked(handler)
+                if existing is not None:
+                    return existing
+            elif handler._state is not _PENDING:  # wrapped and cancelled before this
                 return handler
             q = self._queue
             assert q is not None
-            if len(q.queue) < q.maxsize or _get_ident() in _owners:
+            if len(q.queue) < q.maxsize or _get_ident() in owners:
                 q.force_locked(handler)
             elif not block:
+                self._unclaim_key_locked(handler)
                 raise QueueFull(f"the task queue is full ({q.maxsize} tasks)")
             else:
                 waiting = True
             # _count_locked, inlined: this is the hot path
-            handler._submitted_at = time.monotonic()
+            handler._due = handler._submitted_at = time.monotonic()
             self._active += 1
             self._submitted += 1
             if handler._opts.context is not None:
                 handler._opts.context._on_done(handler, handler._parent_done)
+            if self._events.wanted:
+                self._emit_locked(_Kind.SUBMITTED, handler)
         if waiting and not q.put_blocking(handler):
             with self._lock:  # the run ended while we waited: keep it for the next one
                 self._enqueue_locked(handler)
-        if handler._opts.context is not None:
-            self._check_parent(handler)
+        self._after_submit(handler)
         return handler
 
     def delay(self, delay: float, task: Any, **opts: Any) -> TaskHandler:
         """Run `task` on or after `delay` seconds (or a `timedelta`) from now.
 
         A negative delay means now; NaN or infinity raise `Unschedulable`, None or a
-        non-number `TypeError`. Any finite delay is accepted. Never blocks.
+        non-number `TypeError`. Any finite delay is accepted. Never blocks. With
+        ``key=``, returns the key's pending instance if there is one.
         """
-        seconds(delay, "delay", error=Unschedulable)
+        wait = seconds(delay, "delay", error=Unschedulable)
         handler = self.wrap_task(task, **opts)
         with self._lock:
-            if self._admit_locked(handler):
-                self._count_locked(handler, _SCHEDULED)
-                self._scheduler.delay(delay, handler)
-        self._check_parent(handler)
-        return handler
+            submitted = self._submit_scheduled_locked(handler)
+            if submitted is handler:
+                handler._due = time.monotonic() + wait
+                self._scheduler.delay(wait, handler)
+        self._after_submit(submitted)
+        return submitted
 
     def schedule(self, at: datetime, task: Any, **opts: Any) -> TaskHandler:
         """Run `task` on or after the aware `datetime` `at`; a past time means now.
 
         None, `datetime.min` or a naive datetime raise `Unschedulable`; a
-        non-datetime raises `TypeError`. Never blocks.
+        non-datetime raises `TypeError`. Never blocks. With ``key=``, returns the
+        key's pending instance if there is one.
         """
         aware(at)
         handler = self.wrap_task(task, **opts)
         with self._lock:
-            if self._admit_locked(handler):
-                self._count_locked(handler, _SCHEDULED)
+            submitted = self._submit_scheduled_locked(handler)
+            if submitted is handler:
+                handler._due = time.monotonic() + (at.timestamp() - time.time())
                 self._scheduler.schedule(at, handler)
-        self._check_parent(handler)
+        self._after_submit(submitted)
+        return submitted
+
+    def _submit_scheduled_locked(self, handler: TaskHandler) -> TaskHandler:
+        """Admit and count a delayed or scheduled submission; the handler to return.
+
+        The caller puts it in the scheduler when that is `handler` itself.
+        """
+        self._admit_locked(handler)
+        if handler._opts.key is not None:
+            existing = self._claim_key_locked(handler)
+            if existing is not None:
+                return existing
+        elif handler._state is not _PENDING:
+            return handler  # wrapped and cancelled before its submission
+        self._count_locked(handler, _SCHEDULED)
+        self._scheduled += 1
         return handler
 
-    def _admit_locked(self, handler: TaskHandler) -> bool:
-        """May `handler` be submitted now? False for a wrapped handler cancelled
-        before its submission (it is returned as it is)."""
+    def _admit_locked(self, handler: TaskHandler) -> None:
+        """Raise unless `handler` may be submitted now."""
         if self._state is not _Lifecycle.RUNNING:
             raise TaskManagerStopped()
-        if handler._submitted_at is None:
-            if handler._state is _PENDING:
-                return True
-            if handler._state is TaskState.CANCELLED:
-                return False
-        # Submitted before, or being run by exec() without a submission.
-        raise ValueError(f"{handler!r} was already submitted: a handler runs once")
+        if handler._submitted_at is not None or handler._state not in (
+            _PENDING,
+            TaskState.CANCELLED,
+        ):
+            # Submitted before, or being run by exec() without a submission.
+            raise ValueError(f"{handler!r} was already submitted: a handler runs once")
+
+    def _claim_key_locked(self, handler: TaskHandler) -> TaskHandler | None:
+        """Make `handler` its key's pending instance, or return the one there is."""
+        key = handler._opts.key
+        assert key is not None
+        slot = self._keys.get(key)
+        if slot is not None and slot.pending is not None:
+            return slot.pending
+        if handler._state is not _PENDING:
+            return handler  # wrapped and cancelled before its submission
+        if slot is None:
+            slot = self._keys[key] = Slot(key)
+        slot.pending = handler
+        return None
+
+    def _unclaim_key_locked(self, handler: TaskHandler) -> None:
+        """Undo `_claim_key_locked` for a submission that did not happen."""
+        key = handler._opts.key
+        if key is not None:
+            slot = self._keys[key]
+            slot.ended(handler)
+            self._forget_slot_locked(slot)
 
     def _count_locked(self, handler: TaskHandler, state: TaskState) -> None:
-        handler._submitted_at = time.monotonic()
+        handler._due = handler._submitted_at = time.monotonic()
         handler._state = state
         self._active += 1
         self._submitted += 1
         parent = handler._opts.context
         if parent is not None:
             parent._on_done(handler, handler._parent_done)
+        if self._events.wanted:
+            self._emit_locked(_Kind.SUBMITTED, handler)
 
-    def _check_parent(self, handler: TaskHandler) -> None:
-        """A task submitted under a context that is already done is cancelled."""
+    def _after_submit(self, handler: TaskHandler) -> None:
+        """After a submission, with no lock held: a task whose ``context=`` is
+        already done is cancelled; a submitter waits while listeners lag far behind."""
         parent = handler._opts.context
         if parent is not None and parent.done():
             handler.cancel()
+        if self._events.wanted and self._events.over():
+            self._events.wait_for_room()
 
     def _enqueue_locked(self, handler: TaskHandler) -> None:
         """Queue a due task from inside the manager: never blocks, never lost."""
@@ -480,17 +490,343 @@ class TaskManager:
         else:
             q.force_locked(handler)
 
+    def _release_locked(self, handlers: list[TaskHandler]) -> None:
+        """Tasks a gate let through: they go first, ahead of the stop signals."""
+        if not handlers:
+            return
+        for handler in handlers:
+            self._parked.pop(handler, None)
+        q = self._queue
+        if q is None or q.closed:
+            self._kept.extendleft(reversed(handlers))
+        else:
+            q.push_front_locked(handlers)
+
+    # -- keys, rescheduling, inspection ------------------------------------------
+
+    def get(self, key: str) -> TaskHandler | None:
+        """The key's pending instance, else its running one, else None."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {key!r}")
+        with self._lock:
+            slot = self._keys.get(key)
+            if slot is None:
+                return None
+            return slot.pending or slot.running
+
+    def reschedule(
+        self, task: str | TaskHandler, when: float | datetime, *, only_sooner: bool = False
+    ) -> bool:
+        """Move a scheduled task (delayed, scheduled, or waiting for a retry) to `when`.
+
+        `task` is a key or a handler; for a key, its pending instance if that is
+        scheduled, else its running one if that waits for a retry, else the next
+        planned run of the key's periodic. `when` is a delay (seconds or
+        `timedelta`) or an aware `datetime`. With `only_sooner`, it moves only to
+        an earlier time. Returns whether it moved: False when nothing is scheduled
+        (a queued task is already due) or `only_sooner` declined.
+        """
+        if not isinstance(task, (str, TaskHandler)):
+            raise TypeError(f"task must be a key or a TaskHandler, not {task!r}")
+        if isinstance(when, datetime):
+            aware(when, "when")
+        else:
+            seconds(when, "when", error=Unschedulable)
+        with self._lock:
+            target: TaskHandler | Periodic | None = None
+            if isinstance(task, TaskHandler):
+                if task._owner is not self:
+                    raise ValueError(f"{task!r} belongs to another TaskManager")
+                target = task if task._state is _SCHEDULED else None
+            elif (slot := self._keys.get(task)) is not None:
+                for candidate in (slot.pending, slot.running):
+                    if candidate is not None and candidate._state is _SCHEDULED:
+                        target = candidate
+                        break
+                else:
+                    target = slot.periodic
+            if target is None:
+                return False
+            moved = self._scheduler.reschedule(target, when, only_sooner=only_sooner)
+            if moved and isinstance(target, TaskHandler):
+                if isinstance(when, datetime):
+                    target._due = time.monotonic() + (when.timestamp() - time.time())
+                else:
+                    target._due = time.monotonic() + seconds(when, "when")
+            return moved
+
+    def pending(self) -> list[TaskHandler]:
+        """A snapshot of every task waiting to run: queued ones in queue order (then
+        those held by a group limit or a key, and those kept while stopped), then
+        scheduled ones in due order."""
+        with self._lock:
+            seen: set[TaskHandler] = set()
+            out: list[TaskHandler] = []
+            queued: list[TaskHandler] = [] if self._queue is None else self._queue.snapshot_locked()
+            queued.extend(self._parked)
+            queued.extend(self._kept)
+            for handler in queued:
+                if handler._state is _PENDING and handler not in seen:
+                    seen.add(handler)
+                    out.append(handler)
+            for item in self._scheduler.items():
+                if isinstance(item, TaskHandler) and item._state is _SCHEDULED:
+                    out.append(item)
+            return out
+
+    # -- groups and stats --------------------------------------------------------
+
+    def set_limit(self, group: str, limit: int) -> None:
+        """Set or add a group's limit while running (or not).
+
+        `limit` must be an int >= 1 (else `ValueError`). Raising it starts waiting
+        tasks at once; lowering it lets running tasks finish and holds new starts
+        until the group is under the new limit.
+        """
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"group must be a non-empty str, not {group!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+        with self._lock:
+            existing = self._groups.get(group)
+            if existing is None:
+                self._groups[group] = Group(group, limit)
+            else:
+                self._release_locked(existing.set_limit(limit))
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the manager, every field read at the same instant."""
+        with self._lock:
+            running = len(self._running)
+            return Stats(
+                workers=self._config.workers,
+                busy=running - self._foreign,
+                queued=self._active - running - self._scheduled,
+                scheduled=self._scheduled,
+                running=running,
+                submitted=self._submitted,
+                succeeded=self._succeeded,
+                failed=self._failed,
+                retried=self._retried,
+                cancelled=self._cancelled,
+                coalesced=self._coalesced,
+                groups=types.MappingProxyType(
+                    {
+                        name: GroupStats(g.limit, g.running - len(g.reserved), len(g.waiting))
+                        for name, g in self._groups.items()
+                    }
+                ),
+                uptime=(
+                    time.monotonic() - self._started_at
+                    if self._state is not _Lifecycle.STOPPED
+                    else 0.0
+                ),
+            )
+
+    # -- listeners ---------------------------------------------------------------
+
+    def add_listener(
+        self, fn: Callable[[TaskEvent], object], *, events: Iterable[TaskEventKind] | None = None
+    ) -> Callable[[], None]:
+        """Call ``fn(event)`` for each `TaskEvent` of the given kinds (default: all).
+
+        Listeners run one at a time, in the order events happened, on the
+        manager's listener thread; one that raises is logged and kept. A listener
+        may submit tasks; it must not wait for a task to finish (the workers may be
+        waiting for it). Returns a function that removes the listener (calling it
+        twice is harmless). `stop()` delivers every event before it returns.
+        """
+        if not callable(fn):
+            raise TypeError(f"a listener must be callable, not {fn!r}")
+        kinds = None
+        if events is not None:
+            try:
+                kinds = list(events)
+            except TypeError:
+                raise TypeError(
+                    f"events must be an iterable of TaskEventKind, not {events!r}"
+                ) from None
+            bad = [k for k in kinds if not isinstance(k, TaskEventKind)]
+            if bad:
+                raise TypeError(f"events must be TaskEventKind members, not {bad!r}")
+        with self._lock:
+            remove = self._events.add_locked(fn, kinds)
+            thread = self._events.start_locked() if self._state is _Lifecycle.RUNNING else None
+        if thread is not None:
+            thread.start()
+        return remove
+
+    def _emit_locked(
+        self,
+        kind: TaskEventKind,
+        handler: TaskHandler,
+        error: BaseException | None = None,
+        result: Any = None,
+    ) -> None:
+        if kind in self._events.wanted:
+            self._events.emit_locked(kind, handler, error, result)
+
+    # -- periodic tasks ----------------------------------------------------------
+
+    def every(
+        self,
+        interval: float,
+        task: Any,
+        *,
+        start: float | datetime | None = None,
+        jitter: float = 0,
+        fixed_delay: bool = False,
+        key: str | None = None,
+        **opts: Any,
+    ) -> Periodic:
+        """Run `task` every `interval` seconds (or `timedelta`); returns its `Periodic`.
+
+        The first run is at `start` (a delay or an aware `datetime`; default: one
+        interval from now; a past time means now). Later runs stay on the grid
+        ``start + k * interval`` (fixed rate), or, with `fixed_delay`, follow the
+        end of the previous run by `interval`. `jitter` adds a random 0..jitter
+        seconds to each run, planned from the un-jittered grid. Runs never overlap,
+        never pile up, and are never skipped for busy workers (see `Periodic`).
+        `interval` <= 0 or `jitter` < 0 raise `ValueError`; a naive `start` raises
+        `Unschedulable`. Each run is an ordinary task with `opts`.
+        """
+        period = seconds(interval, "interval")
+        if period <= 0:
+            raise ValueError(f"interval must be positive, not {interval!r}")
+        spread = seconds(jitter, "jitter", allow_negative=False)
+        if fixed_delay is not True and fixed_delay is not False:
+            raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
+        if start is None:
+            first = time.monotonic() + period
+        elif isinstance(start, datetime):
+            first = time.monotonic() + (aware(start, "start").timestamp() - time.time())
+        else:
+            first = time.monotonic() + seconds(start, "start", error=Unschedulable)
+        return self._add_periodic(
+            task, key, opts, first, interval=period, jitter=spread, fixed_delay=fixed_delay
+        )
+
+    def cron(
+        self,
+        expression: str,
+        task: Any,
+        *,
+        tz: Any = None,
+        key: str | None = None,
+        **opts: Any,
+    ) -> Periodic:
+        """Run `task` at the times a cron expression names; returns its `Periodic`.
+
+        Five fields (minute hour day month weekday), or six with seconds first, or
+        an alias (``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``),
+        evaluated in `tz` (a `zoneinfo.ZoneInfo` or a zone name; default UTC).
+        Across daylight saving changes, a wall time that does not exist is skipped,
+        and one that occurs twice runs once, at its first occurrence. An invalid
+        expression or an unknown zone raises `ValueError`. Runs never overlap,
+        never pile up, and are never skipped for busy workers (see `Periodic`).
+        """
+        text = parse_cron(expression)
+        zone = parse_zone(tz)
+        return self._add_periodic(task, key, opts, time.monotonic(), cron=text, tz=zone)
+
+    def _add_periodic(
+        self, task: Any, key: str | None, opts: dict[str, Any], first: float, **plan: Any
+    ) -> Periodic:
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TypeError(f"key must be a non-empty str, not {key!r}")
+        if "key" in opts:
+            raise TypeError("key is given once, as every(..., key=...) / cron(..., key=...)")
+        fn, options, name = self._prepare(task, opts)
+        with self._lock:
+            if self._state is not _Lifecycle.RUNNING:
+                raise TaskManagerStopped()
+            slot = None if key is None else self._keys.get(key)
+            if slot is not None and slot.periodic is not None:
+                return slot.periodic
+            if slot is None:
+                slot = Slot(key)
+                if key is not None:
+                    self._keys[key] = slot
+            periodic = Periodic(self, fn, name or default_name(task), key=key, **plan)
+            periodic._slot = slot
+            periodic._opts = dataclasses.replace(options, key=key, periodic=periodic, gated=True)
+            slot.periodic = periodic
+            self._plan_locked(periodic, periodic._first(first))
+        return periodic
+
+    def _plan_locked(self, periodic: Periodic, plan: tuple[float, bool] | None) -> None:
+        """Put a periodic's next occurrence in the scheduler (None: there is none)."""
+        if plan is None:
+            return
+        due, wall = plan
+        if wall:
+            self._scheduler.schedule(datetime.fromtimestamp(due, UTC), periodic)
+        else:
+            self._scheduler.delay(due - time.monotonic(), periodic)
+
+    def _periodic_due(self, periodic: Periodic) -> None:
+        """An occurrence came due (scheduler thread): a new run, or merge into one."""
+        with self._lock:
+            if periodic._state is not _PeriodicState.ACTIVE:
+                return
+            slot = periodic._slot
+            if slot.pending is not None:  # the previous run has not started: merge
+                periodic._coalesced += 1
+                self._coalesced += 1
+                if self._events.wanted:
+                    self._emit_locked(_Kind.COALESCED, slot.pending)
+            else:
+                run = TaskHandler(self, periodic._fn, periodic._opts, periodic._name)
+                slot.pending = run
+                periodic._last = run
+                self._count_locked(run, _PENDING)
+                self._enqueue_locked(run)
+            if not periodic._fixed_delay:
+                self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
+
+    def _periodic_stop(self, periodic: Periodic, state: _PeriodicState) -> None:
+        """`Periodic.cancel` and `Periodic.pause`."""
+        with self._lock:
+            if periodic._state is _PeriodicState.CANCELLED:
+                return
+            if state is _PeriodicState.PAUSED and periodic._state is not _PeriodicState.ACTIVE:
+                return
+            periodic._state = state
+            self._scheduler.cancel(periodic)
+            slot = periodic._slot
+            waiting = slot.pending
+            if state is _PeriodicState.CANCELLED:
+                slot.periodic = None
+                self._forget_slot_locked(slot)
+        if waiting is not None:
+            waiting.cancel()
+
+    def _periodic_resume(self, periodic: Periodic) -> None:
+        """`Periodic.resume`."""
+        with self._lock:
+            if periodic._state is not _PeriodicState.PAUSED:
+                return
+            periodic._state = _PeriodicState.ACTIVE
+            self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
+
+    def _forget_slot_locked(self, slot: Slot) -> None:
+        if slot.key is not None and slot.idle() and self._keys.get(slot.key) is slot:
+            del self._keys[slot.key]
+
     # -- the scheduler's side ----------------------------------------------------
 
-    def _on_due(self, item: TaskHandler | Context) -> None:
+    def _on_due(self, item: TaskHandler | Context | Periodic) -> None:
         """Called by the scheduler thread for each due item."""
-        if isinstance(item, Context):
+        if isinstance(item, TaskHandler):
+            with self._lock:
+                if item._state is _SCHEDULED:
+                    item._state = _PENDING
+                    self._scheduled -= 1
+                    self._enqueue_locked(item)
+        elif isinstance(item, Periodic):
+            self._periodic_due(item)
+        else:
             self._overrun(item)
-            return
-        with self._lock:
-            if item._state is _SCHEDULED:
-                item._state = _PENDING
-                self._enqueue_locked(item)
 
     def _overrun(self, ctx: Context) -> None:
         """An attempt's deadline passed: report it once if that attempt still runs."""
@@ -505,27 +841,23 @@ class TaskManager:
 
     # -- the workers' side -------------------------------------------------------
 
-    def _work(self, q: _TaskQueue) -> None:
-        ident = _get_ident()
-        _owners[ident] = self
-        try:
+    def _work(self, q: TaskQueue) -> None:
+        with _threads.owned(self):
             while True:
                 try:
                     self._serve(q)
                     return
                 except BaseException as exc:  # a worker outlives anything, even our bugs
                     self._log.error("worker error", error=repr(exc))
-        finally:
-            del _owners[ident]
 
-    def _serve(self, q: _TaskQueue) -> None:
+    def _serve(self, q: TaskQueue) -> None:
         """The worker loop, until it takes a stop signal.
 
         A success is settled in the same critical section that takes the next task
         (one lock round trip per task instead of two) unless the queue is empty:
         then it is settled, and its waiters woken, before this worker waits.
         """
-        lock, begin, run = self._lock, self._begin_locked, self._run
+        lock, begin, run, events = self._lock, self._begin_locked, self._run, self._events
         items = q.queue
         done: _Success | None = None
         while True:
@@ -542,6 +874,8 @@ class TaskManager:
             if done is not None:
                 self._announce(done[0], done[1], extras)
                 done = None
+                if events.wanted and events.over():
+                    events.wait_for_room()
             if not take:
                 continue
             if handler is None:
@@ -555,20 +889,24 @@ class TaskManager:
         """`TaskHandler.exec`: run one attempt in the calling thread."""
         with self._lock:
             ctx = self._begin_locked(handler)
+            if ctx is not None and ctx is not _PARENT_DONE:
+                self._foreign += 1
         if ctx is _PARENT_DONE:
             handler.cancel()
         elif ctx is not None:
             done = self._run(handler, ctx)
+            with self._lock:
+                self._foreign -= 1
+                extras = self._succeed_locked(*done) if done is not None else None
             if done is not None:
-                with self._lock:
-                    extras = self._succeed_locked(*done)
                 self._announce(handler, ctx, extras)
 
     def _begin_locked(self, handler: TaskHandler) -> Context | None:
         """Start an attempt of a pending `handler`: its context, or None to skip it.
 
-        Returns `_PARENT_DONE`, leaving the handler pending, when the ``context=``
-        it runs under has ended: the caller cancels it once the lock is released.
+        None too when a gate parks it. Returns `_PARENT_DONE`, leaving the handler
+        pending, when the ``context=`` it runs under has ended: the caller cancels
+        it once the lock is released.
         """
         if handler._state is not _PENDING:
             return None  # cancelled while queued, or run by exec() meanwhile
@@ -579,6 +917,14 @@ class TaskManager:
             or (parent._deadline is not None and parent._deadline <= time.monotonic())
         ):
             return _PARENT_DONE
+        if opts.gated and (handler in self._parked or not self._pass_gates_locked(handler, opts)):
+            return None
+        if handler._extras is not None and not handler._start_futures_locked():
+            # Its future was cancelled this instant; that cancels the task. Give
+            # back what the gates granted, as an attempt that ended would.
+            if opts.gated:
+                self._ungate_locked(handler, final=True)
+            return None
         if handler._submitted_at is None:  # exec() of a handler never submitted
             self._count_locked(handler, _PENDING)
         deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
@@ -588,7 +934,54 @@ class TaskManager:
         self._running.add(handler)
         if ctx._deadline is not None:
             self._scheduler.delay(ctx._deadline - time.monotonic(), ctx)
+        if self._events.wanted:
+            self._emit_locked(_Kind.STARTED, handler)
         return ctx
+
+    def _pass_gates_locked(self, handler: TaskHandler, opts: Options) -> bool:
+        """Check the task's key (or periodic) slot, then its group; park it if shut."""
+        slot = self._slot_of(opts)
+        if slot is not None and slot.running is not None and slot.running is not handler:
+            slot.parked = True  # its namesake still runs: wait for it to end
+            self._parked[handler] = None
+            return False
+        if opts.group is not None and not self._groups[opts.group].admit(handler):
+            self._parked[handler] = None
+            return False
+        if slot is not None:
+            slot.admit(handler)
+            if opts.periodic is not None and handler._attempts == 0:
+                opts.periodic._runs += 1
+        return True
+
+    def _slot_of(self, opts: Options) -> Slot | None:
+        if opts.periodic is not None:
+            return opts.periodic._slot
+        return None if opts.key is None else self._keys.get(opts.key)
+
+    def _ungate_locked(self, handler: TaskHandler, *, final: bool) -> None:
+        """An attempt of a gated task ended: free its group slot; if the task ended
+        for good, free its key slot too, and plan a fixed-delay periodic's next run."""
+        opts = handler._opts
+        released: list[TaskHandler] = []
+        if opts.group is not None:
+            released.extend(self._groups[opts.group].finished())
+        if final:
+            slot = self._slot_of(opts)
+            if slot is not None:
+                parked = slot.ended(handler)
+                if parked is not None:
+                    released.append(parked)
+                periodic = opts.periodic
+                if (
+                    periodic is not None
+                    and periodic._fixed_delay
+                    and periodic._state is _PeriodicState.ACTIVE
+                    and slot.pending is None
+                ):
+                    self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
+                self._forget_slot_locked(slot)
+        self._release_locked(released)
 
     def _run(self, handler: TaskHandler, ctx: Context) -> _Success | None:
         """Run the attempt `_begin_locked` started.
@@ -620,20 +1013,24 @@ class TaskManager:
         self._active -= 1
         if self._active == 0 and self._joiners:
             self._changed.notify_all()
-        parent = handler._opts.context
-        if parent is not None:
-            parent._forget(handler)
+        opts = handler._opts
+        if opts.context is not None:
+            opts.context._forget(handler)
+        if opts.gated:
+            self._ungate_locked(handler, final=True)
+        if self._events.wanted:
+            self._emit_locked(_Kind.SUCCEEDED, handler, result=value)
         return handler._extras
 
     def _announce(self, handler: TaskHandler, ctx: Context, extras: _Extras | None) -> None:
-        """After a success is settled and the lock released: wake, call back, log."""
+        """After a success is settled and the lock released: log, wake, call back."""
         if ctx._parent is not None:
             ctx._detach()
-        if extras is not None:
-            handler._fire(extras)
         log = self._log
         if log.enabled(DEBUG):
             log.debug("task completed", task_id=handler.id, task=handler.name, attempt=ctx.attempt)
+        if extras is not None:
+            handler._fire(extras)
 
     def _attempt_failed(self, handler: TaskHandler, ctx: Context, exc: BaseException) -> None:
         opts = handler._opts
@@ -671,8 +1068,14 @@ class TaskManager:
                 self._settle_locked(handler, TaskState.CANCELLED, None)
             elif delay is not None:
                 handler._state = _SCHEDULED
+                handler._due = time.monotonic() + delay
                 self._retried += 1
+                self._scheduled += 1
                 self._scheduler.delay(delay, handler)
+                if opts.gated:
+                    self._ungate_locked(handler, final=False)
+                if self._events.wanted:
+                    self._emit_locked(_Kind.RETRYING, handler, error=exc)
             else:
                 self._failed += 1
                 self._settle_locked(handler, TaskState.FAILED, final)
@@ -688,7 +1091,6 @@ class TaskManager:
                 error=describe(exc),
             )
             return
-        handler._fire(extras)
         if cancelled:
             if log.enabled(DEBUG):
                 log.debug("task cancelled", task_id=handler.id, task=handler.name, attempt=attempt)
@@ -704,6 +1106,7 @@ class TaskManager:
                 attempt=attempt,
                 error=describe(exc),
             )
+        handler._fire(extras)
 
     def _task_error(self, handler: TaskHandler, last: Exception) -> TaskError:
         """The final error of a task whose attempt just failed with `last`."""
@@ -724,16 +1127,42 @@ class TaskManager:
             self._scheduler.cancel(ctx)
 
     def _settle_locked(self, handler: TaskHandler, state: TaskState, value: Any) -> None:
-        """Finish `handler`; the caller then fires `handler._extras` once unlocked."""
+        """Finish `handler` (failed or cancelled); the caller then fires
+        `handler._extras` once unlocked."""
+        was = handler._state
         handler._state = state
         handler._value = value
-        if handler._submitted_at is not None:
-            self._active -= 1
-            if self._active == 0 and self._joiners:
-                self._changed.notify_all()
-            parent = handler._opts.context
-            if parent is not None:
-                parent._forget(handler)
+        if handler._submitted_at is None:
+            return  # wrapped and cancelled before any submission: nothing counted
+        self._active -= 1
+        if self._active == 0 and self._joiners:
+            self._changed.notify_all()
+        opts = handler._opts
+        if opts.context is not None:
+            opts.context._forget(handler)
+        if opts.gated:
+            if was is _RUNNING:
+                self._ungate_locked(handler, final=True)
+            else:
+                self._forget_waiting_locked(handler)
+        if self._events.wanted:
+            kind = _Kind.CANCELLED if state is TaskState.CANCELLED else _Kind.FAILED
+            self._emit_locked(kind, handler, error=value)
+
+    def _forget_waiting_locked(self, handler: TaskHandler) -> None:
+        """A gated task that was waiting to run (not running) was cancelled."""
+        opts = handler._opts
+        self._parked.pop(handler, None)
+        released: list[TaskHandler] = []
+        if opts.group is not None:
+            released.extend(self._groups[opts.group].forget(handler))
+        slot = self._slot_of(opts)
+        if slot is not None:
+            parked = slot.ended(handler)  # a retry waiting for its backoff holds the slot
+            if parked is not None:
+                released.append(parked)
+            self._forget_slot_locked(slot)
+        self._release_locked(released)
 
     def _cancel(self, handler: TaskHandler) -> bool:
         """`TaskHandler.cancel`: see there."""
@@ -747,6 +1176,8 @@ class TaskManager:
             elif state is _PENDING or state is _SCHEDULED:
                 if state is _SCHEDULED:
                     self._scheduler.cancel(handler)
+                    if handler._submitted_at is not None:
+                        self._scheduled -= 1
                 if handler._submitted_at is not None:
                     self._cancelled += 1
                 self._settle_locked(handler, TaskState.CANCELLED, None)
@@ -758,10 +1189,10 @@ class TaskManager:
             if ctx is not None:
                 ctx.cancel()
             return False
-        handler._fire(extras)
         log = self._log
         if log.enabled(DEBUG):
             log.debug("task cancelled", task_id=handler.id, task=handler.name)
+        handler._fire(extras)
         return True
 
     def __repr__(self) -> str:

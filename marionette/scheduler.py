@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from . import _exit
+from . import _threads
 from ._log import Log
 from ._time import aware, monotonic_to_utc, seconds, timestamp_to_utc
 from .errors import Unschedulable
@@ -210,7 +210,7 @@ class Scheduler(Generic[T]):
             self._state = _State.RUNNING
             thread = self._thread = threading.Thread(target=self._run, name=self._name)
             thread.start()
-        _exit.track(self)
+        _threads.track(self)
 
     def stop(self) -> None:
         """Stop the thread and wait for it to finish handing out the current batch.
@@ -225,7 +225,7 @@ class Scheduler(Generic[T]):
             thread = self._thread
             self._wakeup.notify()
             self._passed.notify_all()
-        _exit.untrack(self)
+        _threads.untrack(self)
         if thread is not None and thread is not threading.current_thread():
             thread.join()
             with self._lock:
@@ -253,6 +253,34 @@ class Scheduler(Generic[T]):
         datetime raise `Unschedulable`; a non-datetime raises `TypeError`.
         """
         self._push(item, aware(at).timestamp(), wall=True)
+
+    def reschedule(self, item: T, when: float | datetime, *, only_sooner: bool = False) -> bool:
+        """Move a pending `item` to `when`: a delay in seconds (or `timedelta`) or an
+        aware `datetime`. Returns whether it moved: False when the item is not
+        pending, or with `only_sooner` when `when` is not earlier than its time.
+        """
+        if isinstance(when, datetime):
+            deadline, wall = aware(when, "when").timestamp(), True
+        else:
+            deadline, wall = time.monotonic() + seconds(when, "when", error=Unschedulable), False
+        with self._lock:
+            current = self._timeline.get(item)
+            if current is None:
+                return False
+            if only_sooner:
+                offset = time.monotonic() - time.time()
+                new = deadline + offset if wall else deadline
+                old = current[0] + offset if current[1] else current[0]
+                if new >= old:
+                    return False
+            if self._timeline.push(item, deadline, wall):
+                self._wakeup.notify()
+            return True
+
+    def items(self) -> list[T]:
+        """A snapshot of the pending items, in due order. O(n log n)."""
+        with self._lock:
+            return [item for _, item in self._timeline.ordered(time.monotonic(), time.time())]
 
     def _push(self, item: T, deadline: float, wall: bool) -> None:
         with self._lock:

@@ -1,0 +1,257 @@
+"""Periodic tasks: every interval (fixed rate or fixed delay), or on a cron schedule.
+
+A `Periodic` is itself an item of the manager's scheduler: its planned next run is
+one entry, so 10,000 periodics cost 10,000 heap entries and no thread of their own.
+When an occurrence comes due the manager turns it into an ordinary task (a "run"),
+and runs pass through a `Slot` like keyed tasks: never two at once, at most one
+waiting behind a running one, and an occurrence that finds a run still waiting to
+start is merged into it (`coalesced`). Planning is kept in pure functions here
+(`next_grid`, `next_cron`); the manager owns the state changes, under its lock.
+
+Cron expressions are parsed and evaluated by cronsim (chosen over croniter: across
+an autumn DST fold croniter runs a daily 02:30 job twice, cronsim once). Two rules
+are added on top of it, using cronsim's own matching: a wall time that does not
+exist (spring gap) is skipped rather than moved to the end of the gap, and a wall
+time that occurs twice (autumn fold) runs once, at its first occurrence.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import time
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+if TYPE_CHECKING:
+    from ._gates import Slot
+    from .handler import Options, TaskHandler
+    from .manager import TaskManager
+
+__all__ = ["Periodic", "next_cron", "next_grid", "parse_cron", "parse_zone"]
+
+_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+def next_grid(grid: float, interval: float, now: float) -> float:
+    """The first point of the grid ``grid + k * interval`` (k >= 0) after `now`.
+
+    Fixed-rate planning: however late the previous run was, the next one stays on
+    the grid, and missed points collapse into this one (no burst after a stall).
+    """
+    if grid > now:
+        return grid
+    return grid + (math.floor((now - grid) / interval) + 1) * interval
+
+
+def parse_zone(tz: object) -> tzinfo:
+    """A tzinfo from a `tzinfo`, an IANA zone name, or None (UTC)."""
+    if tz is None:
+        return UTC
+    if isinstance(tz, tzinfo):
+        return tz
+    if not isinstance(tz, str):
+        raise TypeError(f"tz must be a zoneinfo.ZoneInfo or a zone name, not {tz!r}")
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {tz!r}") from exc
+
+
+def parse_cron(expression: object) -> str:
+    """Validate a cron expression (5 fields, or 6 with seconds first, or an alias)."""
+    if not isinstance(expression, str):
+        raise TypeError(f"a cron expression must be a str, not {expression!r}")
+    text = _ALIASES.get(expression.strip().lower(), expression.strip())
+    try:
+        CronSim(text, datetime(2000, 1, 1))
+    except (CronSimError, ValueError, IndexError, KeyError) as exc:
+        raise ValueError(f"invalid cron expression {expression!r}: {exc}") from exc
+    return text
+
+
+def _matches(expression: str, wall: datetime) -> bool:
+    """Does `expression` match the naive wall time `wall`?"""
+    try:
+        return next(CronSim(expression, wall - timedelta(seconds=1))) == wall
+    except StopIteration:
+        return False
+
+
+def next_cron(expression: str, tz: tzinfo, after: datetime) -> datetime | None:
+    """The first time after `after` that `expression` names in `tz`, or None.
+
+    A wall time that does not exist is skipped; one that occurs twice counts once,
+    at its first occurrence. None when nothing matches within cronsim's horizon.
+    """
+    start = after.astimezone(tz)
+    try:
+        for candidate in CronSim(expression, start):
+            if candidate <= after:
+                continue  # cronsim works on wall time: it can step back over a fold
+            if candidate.fold and candidate.utcoffset() != candidate.replace(fold=0).utcoffset():
+                continue  # the second occurrence of a repeated wall time
+            if not _matches(expression, candidate.replace(tzinfo=None, fold=0)):
+                continue  # moved out of a wall time that does not exist
+            return candidate
+    except StopIteration:
+        pass
+    return None
+
+
+class _State(enum.Enum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+
+
+class Periodic:
+    """A task run again and again, made by `TaskManager.every` or `TaskManager.cron`.
+
+    Any thread may call its methods; they never block on a run. Its fields change
+    under the manager's lock. Runs survive `stop()`/`start()` like scheduled tasks.
+    """
+
+    def __init__(
+        self,
+        owner: TaskManager,
+        fn: Any,
+        name: str,
+        *,
+        key: str | None,
+        interval: float | None = None,
+        jitter: float = 0.0,
+        fixed_delay: bool = False,
+        cron: str | None = None,
+        tz: tzinfo = UTC,
+    ) -> None:
+        self._owner = owner
+        self._fn = fn
+        self._name = name
+        self._key = key
+        self._interval = interval
+        self._jitter = jitter
+        self._fixed_delay = fixed_delay
+        self._cron = cron
+        self._tz = tz
+        # The un-jittered time of the next occurrence: a time.monotonic() value for
+        # `every`, a time.time() value for `cron`.
+        self._grid = 0.0
+        self._state = _State.ACTIVE
+        # Set by the manager right after construction.
+        self._slot: Slot
+        self._opts: Options
+        self._runs = 0
+        self._coalesced = 0
+        self._last: TaskHandler | None = None
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def key(self) -> str | None:
+        return self._key
+
+    @property
+    def name(self) -> str:
+        """The label of the periodic and of each of its runs."""
+        return self._name
+
+    @property
+    def runs(self) -> int:
+        """Runs started so far."""
+        return self._runs
+
+    @property
+    def coalesced(self) -> int:
+        """Occurrences merged into a run that had not started yet."""
+        return self._coalesced
+
+    @property
+    def last(self) -> TaskHandler | None:
+        """The latest run's handler, or None before the first run is due."""
+        return self._last
+
+    @property
+    def next_run(self) -> datetime | None:
+        """When the next run is planned (aware UTC, jitter included), else None.
+
+        None while paused, once cancelled, and, for a fixed-delay periodic, while a
+        run is under way (the next one is planned when it ends).
+        """
+        return self._owner._scheduler.due(self)
+
+    def paused(self) -> bool:
+        return self._state is _State.PAUSED
+
+    def cancelled(self) -> bool:
+        return self._state is _State.CANCELLED
+
+    # -- acting ----------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop for good: drop the planned run and a run not yet started. Idempotent.
+
+        A run already running finishes.
+        """
+        self._owner._periodic_stop(self, _State.CANCELLED)
+
+    def pause(self) -> None:
+        """No runs until `resume()`: the planned run and a run not yet started are
+        dropped (a running run finishes). A no-op unless active."""
+        self._owner._periodic_stop(self, _State.PAUSED)
+
+    def resume(self) -> None:
+        """Plan the next run from the schedule after now; no catch-up for the pause.
+
+        A no-op unless paused.
+        """
+        self._owner._periodic_resume(self)
+
+    # -- planning (called by the manager, under its lock) ----------------------
+
+    def _first(self, start: float) -> tuple[float, bool] | None:
+        """Plan the first occurrence from `start` (monotonic); `(due, wall)`."""
+        if self._cron is not None:
+            return self._plan_cron(time.time())
+        self._grid = start
+        return self._jittered(start), False
+
+    def _following(self, now: float, wall_now: float) -> tuple[float, bool] | None:
+        """Plan the occurrence after the one due now; None when there is none."""
+        if self._cron is not None:
+            return self._plan_cron(wall_now)
+        assert self._interval is not None
+        if self._fixed_delay:
+            self._grid = now + self._interval
+        else:
+            self._grid = next_grid(self._grid, self._interval, now)
+        return self._jittered(self._grid), False
+
+    def _plan_cron(self, wall_now: float) -> tuple[float, bool] | None:
+        assert self._cron is not None
+        after = datetime.fromtimestamp(max(wall_now, self._grid), UTC)
+        found = next_cron(self._cron, self._tz, after)
+        if found is None:
+            return None
+        self._grid = found.timestamp()
+        return self._grid, True
+
+    def _jittered(self, grid: float) -> float:
+        return grid + random.uniform(0.0, self._jitter) if self._jitter else grid
+
+    def __repr__(self) -> str:
+        when = self.next_run
+        planned = when.isoformat() if when else "-"
+        return f"<Periodic {self.name} {self._state.value} next={planned} runs={self._runs}>"
