@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import demo
 
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo_parser = commands.add_parser(
         "demo",
-        help="run a short demo service that queues, delays, schedules and retries tasks",
+        help="run an uptime monitor of a local HTTP service for a few seconds",
         description=(demo.__doc__ or "").split("\n\n")[0],
     )
     demo_parser.add_argument(
@@ -39,11 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help=f"how long the demo runs (default: {demo.DEFAULT_DURATION:g})",
     )
+    demo_parser.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the SQLite file polls are written to (default: a temporary file)",
+    )
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return demo.run(args.duration)
+    return demo.run(args.duration, args.db)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,31 @@ def _check_int(name: str, value: object, minimum: int, error: type[ConfigError])
         raise TypeError(f"{name} must be an int, not {value!r}")
     if value < minimum:
         raise error(f"{name} must be at least {minimum}, not {value!r}", field=name, value=value)
+
+
+class Limits(Mapping[str, int]):
+    """A read-only copy of `Config.limits` (unlike `types.MappingProxyType`, it can
+    be pickled and deep-copied along with its Config)."""
+
+    __slots__ = ("_limits",)
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self._limits = dict(limits)
+
+    def __getitem__(self, group: str) -> int:
+        return self._limits[group]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._limits)
+
+    def __len__(self) -> int:
+        return len(self._limits)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._limits.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +63,7 @@ class Config:
     workers: int = 4
     queue_size: int = 64
     server_name: str = "marionette"
-    limits: Mapping[str, int] = field(default_factory=dict, hash=False)
+    limits: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("workers", self.workers, 1, NoWorkers)
@@ -58,7 +82,7 @@ class Config:
             if not isinstance(group, str) or not group:
                 raise TypeError(f"limits: a group name must be a non-empty str, not {group!r}")
             _check_int(f"limits[{group!r}]", limit, 1, ConfigError)
-        object.__setattr__(self, "limits", types.MappingProxyType(dict(self.limits)))
+        object.__setattr__(self, "limits", Limits(self.limits))
         logger = self.logger
         if logger is not None and not isinstance(logger, logging.Logger):
             missing = [

@@ -87,7 +87,9 @@ class Dispatcher:
         #: The kinds some listener wants: read by emitters before building an event.
         self.wanted: frozenset[TaskEventKind] = frozenset()
         self._thread: threading.Thread | None = None
-        self._stop = False
+        # Each delivery thread serves one generation; stopping starts the next, so
+        # a thread that outlived a stop can never deliver beside its successor.
+        self._generation = 0
         self._delivering = False  # the thread is calling listeners outside the lock
         self._unbounded = False  # while the manager stops, nobody waits for room
 
@@ -142,9 +144,10 @@ class Dispatcher:
         starts the returned thread once the lock is released."""
         if self._thread is not None or not self._listeners:
             return None
-        self._stop = False
         self._unbounded = False
-        self._thread = threading.Thread(target=self._run, name=f"{self._name}-listener")
+        self._thread = threading.Thread(
+            target=self._run, args=(self._generation,), name=f"{self._name}-listener"
+        )
         return self._thread
 
     def unbound_locked(self) -> None:
@@ -170,7 +173,7 @@ class Dispatcher:
                     if remaining is not None and remaining <= 0:
                         break
                     self._room.wait(remaining)
-            self._stop = True
+            self._generation += 1
             self._thread = None
             self._ready.notify_all()
             self._room.notify_all()
@@ -178,19 +181,19 @@ class Dispatcher:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         with _threads.owned(self._owner):
-            self._deliver()
+            self._deliver(generation)
 
-    def _deliver(self) -> None:
+    def _deliver(self, generation: int) -> None:
         lock = self._lock
         while True:
             with lock:
                 self._delivering = False
                 self._room.notify_all()
-                while not self._events and not self._stop:
+                while not self._events and self._generation == generation:
                     self._ready.wait()
-                if self._stop:
+                if self._generation != generation:
                     return
                 batch = list(self._events)
                 self._events.clear()

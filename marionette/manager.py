@@ -390,7 +390,7 @@ class TaskManager:
         handler = self.wrap_task(task, **opts)
         with self._lock:
             submitted = self._submit_scheduled_locked(handler)
-            if submitted is handler:
+            if submitted._state is _SCHEDULED and submitted is handler:
                 handler._due = time.monotonic() + wait
                 self._scheduler.delay(wait, handler)
         self._after_submit(submitted)
@@ -407,7 +407,7 @@ class TaskManager:
         handler = self.wrap_task(task, **opts)
         with self._lock:
             submitted = self._submit_scheduled_locked(handler)
-            if submitted is handler:
+            if submitted._state is _SCHEDULED and submitted is handler:
                 handler._due = time.monotonic() + (at.timestamp() - time.time())
                 self._scheduler.schedule(at, handler)
         self._after_submit(submitted)

@@ -78,7 +78,7 @@ class _Timeline:
     def push(self, item: Any, deadline: float, wall: bool) -> bool:
         """Add `item` (moving it if it is pending); True if it is now the first of its heap."""
         if item in self._entries:
-            self._dead += 1
+            self._bury()  # its old entry stays in a heap, dead
         self._seq += 1
         entry = (deadline, self._seq, item, wall)
         self._entries[item] = entry
@@ -90,10 +90,14 @@ class _Timeline:
         """Forget `item`; False if it was not pending."""
         if self._entries.pop(item, None) is None:
             return False
+        self._bury()
+        return True
+
+    def _bury(self) -> None:
+        """Count one more dead heap entry; rebuild once the dead outnumber the live."""
         self._dead += 1
         if self._dead > _MIN_DEAD_TO_COMPACT and self._dead > len(self._entries):
             self._compact()
-        return True
 
     def get(self, item: Any) -> tuple[float, bool] | None:
         """`(deadline, wall)` of a pending item, or None."""
