@@ -14,7 +14,7 @@ small HTTP service on 127.0.0.1 (stdlib only) and watches four endpoints of it:
 * One listener (`TaskManager.add_listener`) receives the results one at a time: it
   folds them into plain state (no locks), writes each poll into SQLite, and when an
   endpoint goes up or down it queues a keyed ``publish`` task (go-smartpoll's
-  pattern: a burst of changes publishes one summary, always the latest).
+  pattern: changes made while a publish waits fold into it; it sends the latest).
 * A report delayed to mid-run (`TaskManager.delay`) shows what is planned; at a
   wall-clock time (`TaskManager.schedule`, an aware datetime) the cap goes up to 3
   (`TaskManager.set_limit`).
@@ -307,9 +307,15 @@ class Monitor:
             pass  # events are still delivered while the manager stops; nothing to publish to
 
     def publish(self, ctx: Context) -> None:
-        """Publish the summary (here, a log line standing for a POST to a status page)."""
+        """Publish the latest summary: a pretend POST to a status page, then a log line.
+
+        Changes that come while it runs queue one more publish; changes that come
+        while that one waits are folded into it, as it reads the summary when it starts.
+        """
+        summary = self.summary
+        ctx.wait(0.2)  # the POST (waiting on the context: a stop with a timeout cuts it short)
         self.published += 1
-        self._log.info("summary published", **self.summary)
+        self._log.info("summary published", **summary)
 
 
 # -- scheduled chores ----------------------------------------------------------------

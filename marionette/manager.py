@@ -632,9 +632,11 @@ class TaskManager:
 
         Listeners run one at a time, in the order events happened, on the
         manager's listener thread; one that raises is logged and kept. A listener
-        may submit tasks; it must not wait for a task to finish (the workers may be
-        waiting for it). Returns a function that removes the listener (calling it
-        twice is harmless). `stop()` delivers every event before it returns.
+        may submit tasks (they never block on a full queue); it must not wait for a
+        task to finish (the workers may be waiting for it). Returns a function that
+        removes the listener (calling it twice is harmless). `stop()` delivers every
+        event before it returns; submissions made meanwhile raise
+        `TaskManagerStopped`, as they do from anywhere once a stop has begun.
         """
         if not callable(fn):
             raise TypeError(f"a listener must be callable, not {fn!r}")
