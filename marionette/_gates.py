@@ -85,7 +85,12 @@ class Group:
         """Take a slot for `handler`, or park it (False) until one frees."""
         if handler in self.reserved:
             self.reserved.discard(handler)
-            return True
+            if self.running <= self.limit:
+                return True
+            # The limit was lowered after it was released: back to the head of the line.
+            self.running -= 1
+            self.waiting.appendleft(handler)
+            return False
         if self.running < self.limit and not self.waiting:
             self.running += 1
             return True

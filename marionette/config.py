@@ -81,7 +81,12 @@ class Config:
         for group, limit in self.limits.items():
             if not isinstance(group, str) or not group:
                 raise TypeError(f"limits: a group name must be a non-empty str, not {group!r}")
-            _check_int(f"limits[{group!r}]", limit, 1, ConfigError)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise ConfigError(
+                    f"limits[{group!r}] must be an int >= 1, not {limit!r}",
+                    field=f"limits[{group!r}]",
+                    value=limit,
+                )
         object.__setattr__(self, "limits", Limits(self.limits))
         logger = self.logger
         if logger is not None and not isinstance(logger, logging.Logger):

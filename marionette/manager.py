@@ -809,7 +809,7 @@ class TaskManager:
             if periodic._state is not _PeriodicState.PAUSED:
                 return
             periodic._state = _PeriodicState.ACTIVE
-            self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
+            self._plan_locked(periodic, periodic._resumed(time.monotonic(), time.time()))
 
     def _forget_slot_locked(self, slot: Slot) -> None:
         if slot.key is not None and slot.idle() and self._keys.get(slot.key) is slot:
@@ -962,28 +962,38 @@ class TaskManager:
         return None if opts.key is None else self._keys.get(opts.key)
 
     def _ungate_locked(self, handler: TaskHandler, *, final: bool) -> None:
-        """An attempt of a gated task ended: free its group slot; if the task ended
-        for good, free its key slot too, and plan a fixed-delay periodic's next run."""
+        """An attempt of a gated task ended: free its group slot, and if the task
+        ended for good, its key (or periodic) slot too."""
         opts = handler._opts
         released: list[TaskHandler] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].finished())
         if final:
-            slot = self._slot_of(opts)
-            if slot is not None:
-                parked = slot.ended(handler)
-                if parked is not None:
-                    released.append(parked)
-                periodic = opts.periodic
-                if (
-                    periodic is not None
-                    and periodic._fixed_delay
-                    and periodic._state is _PeriodicState.ACTIVE
-                    and slot.pending is None
-                ):
-                    self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
-                self._forget_slot_locked(slot)
+            self._slot_ended_locked(handler, released)
         self._release_locked(released)
+
+    def _slot_ended_locked(self, handler: TaskHandler, released: list[TaskHandler]) -> None:
+        """`handler` will never run again (it ended, or was cancelled while it waited):
+        let its key's parked instance go, and plan a fixed-delay periodic's next run
+        (fixed-delay runs are planned from the end of the previous one, whether it
+        ran or not)."""
+        opts = handler._opts
+        slot = self._slot_of(opts)
+        if slot is None:
+            return
+        parked = slot.ended(handler)
+        if parked is not None:
+            released.append(parked)
+        periodic = opts.periodic
+        if (
+            periodic is not None
+            and periodic._fixed_delay
+            and periodic._state is _PeriodicState.ACTIVE
+            and slot.pending is None
+            and slot.running is None
+        ):
+            self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
+        self._forget_slot_locked(slot)
 
     def _run(self, handler: TaskHandler, ctx: Context) -> _Success | None:
         """Run the attempt `_begin_locked` started.
@@ -1158,12 +1168,7 @@ class TaskManager:
         released: list[TaskHandler] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].forget(handler))
-        slot = self._slot_of(opts)
-        if slot is not None:
-            parked = slot.ended(handler)  # a retry waiting for its backoff holds the slot
-            if parked is not None:
-                released.append(parked)
-            self._forget_slot_locked(slot)
+        self._slot_ended_locked(handler, released)
         self._release_locked(released)
 
     def _cancel(self, handler: TaskHandler) -> bool:

@@ -231,7 +231,8 @@ class Periodic:
     def _following(self, now: float, wall_now: float) -> tuple[float, bool] | None:
         """Plan the occurrence after the one due now; None when there is none."""
         if self._cron is not None:
-            return self._plan_cron(wall_now)
+            # After the one just due, even if the wall clock was set back meanwhile.
+            return self._plan_cron(max(wall_now, self._grid))
         assert self._interval is not None
         if self._fixed_delay:
             self._grid = now + self._interval
@@ -239,10 +240,15 @@ class Periodic:
             self._grid = next_grid(self._grid, self._interval, now)
         return self._jittered(self._grid), False
 
-    def _plan_cron(self, wall_now: float) -> tuple[float, bool] | None:
+    def _resumed(self, now: float, wall_now: float) -> tuple[float, bool] | None:
+        """Plan the first occurrence after now, on the schedule (no catch-up)."""
+        if self._cron is not None:
+            return self._plan_cron(wall_now)
+        return self._following(now, wall_now)
+
+    def _plan_cron(self, after_wall: float) -> tuple[float, bool] | None:
         assert self._cron is not None
-        after = datetime.fromtimestamp(max(wall_now, self._grid), UTC)
-        found = next_cron(self._cron, self._tz, after)
+        found = next_cron(self._cron, self._tz, datetime.fromtimestamp(after_wall, UTC))
         if found is None:
             return None
         self._grid = found.timestamp()

@@ -280,12 +280,9 @@ def test_limit_below_one_raises_config_error_naming_the_group(limit: int) -> Non
         Config(limits={"http": limit})
 
 
-@pytest.mark.parametrize(
-    "limits",
-    [{"http": "2"}, {"http": True}, {"http": 1.5}, {"": 1}, {3: 1}, [("http", 2)], "http=2"],
-)
+@pytest.mark.parametrize("limits", [{"": 1}, {3: 1}, [("http", 2)], "http=2"])
 def test_limits_of_the_wrong_type_raise_type_error(limits: object) -> None:
-    """A non-mapping, a non-str or empty group name, or a non-int limit raises `TypeError`."""
+    """A non-mapping, or a non-str or empty group name, raises `TypeError`."""
     with pytest.raises(TypeError, match="limits"):
         Config(limits=limits)  # type: ignore[arg-type]
 
