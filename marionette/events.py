@@ -150,6 +150,14 @@ class Dispatcher:
         )
         return self._thread
 
+    def fork_child_locked(self) -> None:
+        """In a child made by fork: no delivery thread exists; events stay buffered."""
+        self._ready = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._thread = None
+        self._delivering = False
+        self._generation += 1
+
     def unbound_locked(self) -> None:
         """Stop back pressure (the manager is stopping): release every waiter."""
         self._unbounded = True

@@ -160,6 +160,7 @@ class TaskManager:
         self._scheduler: Scheduler[TaskHandler | Context | Periodic] = Scheduler(
             self._on_due, self._log
         )
+        _threads.forkable(self)
 
     # -- properties --------------------------------------------------------------
 
@@ -276,6 +277,51 @@ class TaskManager:
             self._changed.notify_all()
         _threads.untrack(self)
         self._log.info("task manager stopped", kept=kept, abandoned=len(running))
+
+    # -- fork (see _threads) ------------------------------------------------------
+
+    _fork_rank = 0
+
+    def _fork_prepare(self) -> None:
+        self._lifecycle.acquire()
+        self._lock.acquire()
+
+    def _fork_parent(self) -> None:
+        self._lock.release()
+        self._lifecycle.release()
+
+    def _fork_child(self) -> None:
+        """In a child made by fork: a stopped manager that keeps its pending work.
+
+        None of the parent's threads exist here. Queued tasks are kept for this
+        process's `start()`; tasks whose attempt was under way run in the parent,
+        so here they end cancelled (their callbacks do not run in the child).
+        Delayed, scheduled and periodic work stays in the scheduler.
+        """
+        try:
+            self._changed = threading.Condition(self._lock)
+            self._joiners = 0
+            self._events.fork_child_locked()
+            q = self._queue
+            if q is not None:
+                leftover = [h for h in q.queue if h is not None and h._state is _PENDING]
+                q.closed = True  # a worker that forked leaves this queue on a stop signal
+                q.queue.clear()
+                q.queue.extend([None] * len(self._threads))
+                self._kept.extendleft(reversed(leftover))
+            for handler in list(self._running):
+                ctx = handler._ctx
+                if ctx is not None:
+                    self._end_attempt_locked(handler, ctx)
+                self._running.discard(handler)
+                self._cancelled += 1
+                self._settle_locked(handler, TaskState.CANCELLED, None)
+            self._foreign = 0
+            self._queue, self._threads = None, []
+            self._state = _Lifecycle.STOPPED
+        finally:
+            self._lock.release()
+            self._lifecycle.release()
 
     def __enter__(self) -> TaskManager:
         self.start()

@@ -197,6 +197,25 @@ class Scheduler(Generic[T]):
         self._state = _State.STOPPED
         self._thread: threading.Thread | None = None
         self._passes = 0
+        _threads.forkable(self)
+
+    # -- fork (see _threads): a child gets a stopped scheduler with its items ----
+
+    _fork_rank = 1
+
+    def _fork_prepare(self) -> None:
+        self._lock.acquire()
+
+    def _fork_parent(self) -> None:
+        self._lock.release()
+
+    def _fork_child(self) -> None:
+        self._state = _State.STOPPED
+        self._thread = None
+        # Waiters of the parent's threads would swallow notifications here.
+        self._wakeup = threading.Condition(self._lock)
+        self._passed = threading.Condition(self._lock)
+        self._lock.release()
 
     # -- lifecycle -------------------------------------------------------------
 
