@@ -382,7 +382,8 @@ class TaskManager:
         """Run `task` as soon as a worker is free; returns its handler.
 
         Blocks while the queue is full (back pressure); with ``block=False`` raises
-        `QueueFull` instead. From inside a task or a listener it never blocks.
+        `QueueFull` instead. From inside a task or a listener it never blocks: the
+        manager's own threads pass the bound (``block=False`` still raises there).
         Raises `TaskManagerStopped` unless running. With ``key=``, returns the
         key's pending instance if there is one.
         """
@@ -404,7 +405,7 @@ class TaskManager:
                 return handler
             q = self._queue
             assert q is not None
-            if len(q.queue) < q.maxsize or _get_ident() in owners:
+            if len(q.queue) < q.maxsize or (block and _get_ident() in owners):
                 q.force_locked(handler)
             elif not block:
                 self._unclaim_key_locked(handler)
