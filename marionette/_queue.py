@@ -20,7 +20,9 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
     which costs about as much as the rest of a put. Idle workers are woken one at a
     time: a put wakes a worker only if no wake-up is already on its way, and a woken
     worker that leaves items behind wakes the next. Waking all of them at once on
-    a burst makes them fight the producer for the GIL and costs throughput.
+    a burst makes them fight the producer for the GIL and costs throughput. For
+    the same reason a producer blocked on a full queue is woken once it has drained
+    to half, so that it refills in a batch.
     """
 
     def __init__(self, maxsize: int, lock: threading.Lock) -> None:
@@ -56,7 +58,9 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
         if items and self._takers > self._waking == 0:
             self._waking = 1  # more to do: pass the wake-up on
             self.not_empty.notify()
-        if self._putters:
+        if self._putters and len(items) <= self.maxsize // 2:
+            # Wake a blocked producer once half the room is free, not at every take:
+            # it then refills in a batch instead of one hand-off per task.
             self.not_full.notify()
         return item
 

@@ -32,7 +32,10 @@ def seconds(
     `error`, as does a negative value when `allow_negative` is false. Both messages
     name the argument and the bad value.
     """
-    if isinstance(value, timedelta):
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the ABC checks below
+        result = float(value)  # type: ignore[arg-type]
+    elif isinstance(value, timedelta):
         result = value.total_seconds()
     elif isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number of seconds or a timedelta, not {value!r}")

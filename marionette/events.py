@@ -180,14 +180,16 @@ class Dispatcher:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         break
-                    self._room.wait(remaining)
+                    self._room.wait(
+                        None if remaining is None else min(remaining, threading.TIMEOUT_MAX)
+                    )
             self._generation += 1
             self._thread = None
             self._ready.notify_all()
             self._room.notify_all()
         if not inside:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            thread.join(remaining)
+            thread.join(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
 
     def _run(self, generation: int) -> None:
         with _threads.owned(self._owner):

@@ -259,24 +259,33 @@ class TaskManager:
             return
         assert q is not None
         me = threading.current_thread()
-        for thread in threads:
-            if thread is not me:
-                thread.join(_remaining(deadline))
+        interrupted: BaseException | None = None
+        try:
+            for thread in threads:
+                if thread is not me:
+                    thread.join(_remaining(deadline))
+        except BaseException as exc:  # e.g. Ctrl-C while waiting: stop as on a timeout
+            interrupted = exc
         abandoned = any(t.is_alive() for t in threads if t is not me)
         with self._lock:
             leftover = q.close_locked(sentinels=len(threads))
             self._kept.extend(h for h in leftover if h._state is _PENDING)
             running = [h._ctx for h in self._running if h._ctx is not None] if abandoned else []
             kept = len(self._kept) + self._scheduled
-        for ctx in running:
-            ctx.cancel()
-        self._events.drain(deadline)
-        with self._lock:
-            self._queue, self._threads = None, []
-            self._state = _Lifecycle.STOPPED
-            self._changed.notify_all()
-        _threads.untrack(self)
+        try:
+            for ctx in running:
+                ctx.cancel()
+            if interrupted is None:
+                self._events.drain(deadline)
+        finally:  # whatever happens, the manager ends stopped: a later stop() returns
+            with self._lock:
+                self._queue, self._threads = None, []
+                self._state = _Lifecycle.STOPPED
+                self._changed.notify_all()
+            _threads.untrack(self)
         self._log.info("task manager stopped", kept=kept, abandoned=len(running))
+        if interrupted is not None:
+            raise interrupted
 
     # -- fork (see _threads) ------------------------------------------------------
 
@@ -434,46 +443,45 @@ class TaskManager:
         ``key=``, returns the key's pending instance if there is one.
         """
         wait = seconds(delay, "delay", error=Unschedulable)
-        handler = self.wrap_task(task, **opts)
-        with self._lock:
-            submitted = self._submit_scheduled_locked(handler)
-            if submitted._state is _SCHEDULED and submitted is handler:
-                handler._due = time.monotonic() + wait
-                self._scheduler.delay(wait, handler)
-        self._after_submit(submitted)
-        return submitted
+        return self._submit_later(task, opts, wait, None)
 
     def schedule(self, at: datetime, task: Any, **opts: Any) -> TaskHandler:
         """Run `task` on or after the aware `datetime` `at`; a past time means now.
 
-        None, `datetime.min` or a naive datetime raise `Unschedulable`; a
-        non-datetime raises `TypeError`. Never blocks. With ``key=``, returns the
-        key's pending instance if there is one.
+        The time is kept on the wall clock. None, `datetime.min` or a naive datetime
+        raise `Unschedulable`; a non-datetime raises `TypeError`. Never blocks. With
+        ``key=``, returns the key's pending instance if there is one.
         """
-        aware(at)
-        handler = self.wrap_task(task, **opts)
+        return self._submit_later(task, opts, 0.0, aware(at).timestamp())
+
+    def _submit_later(
+        self, task: Any, opts: dict[str, Any], wait: float, timestamp: float | None
+    ) -> TaskHandler:
+        """Submit to the scheduler: `wait` seconds from now, or at the wall-clock
+        `timestamp` when one is given. The hot path of `delay` and `schedule`."""
+        if opts or type(task) is not _FUNCTION:
+            handler = self.wrap_task(task, **opts)
+        else:
+            handler = TaskHandler(self, task, DEFAULT_OPTIONS, None)
         with self._lock:
-            submitted = self._submit_scheduled_locked(handler)
-            if submitted._state is _SCHEDULED and submitted is handler:
-                handler._due = time.monotonic() + (at.timestamp() - time.time())
-                self._scheduler.schedule(at, handler)
-        self._after_submit(submitted)
-        return submitted
-
-    def _submit_scheduled_locked(self, handler: TaskHandler) -> TaskHandler:
-        """Admit and count a delayed or scheduled submission; the handler to return.
-
-        The caller puts it in the scheduler when that is `handler` itself.
-        """
-        self._admit_locked(handler)
-        if handler._opts.key is not None:
-            existing = self._claim_key_locked(handler)
-            if existing is not None:
-                return existing
-        elif handler._state is not _PENDING:
-            return handler  # wrapped and cancelled before its submission
-        self._count_locked(handler, _SCHEDULED)
-        self._scheduled += 1
+            if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
+                self._admit_locked(handler)
+            if handler._opts.key is not None:
+                existing = self._claim_key_locked(handler)
+                if existing is not None:
+                    return existing
+            elif handler._state is not _PENDING:  # wrapped and cancelled before this
+                return handler
+            self._count_locked(handler, _SCHEDULED)
+            self._scheduled += 1
+            # The handler's due time and the scheduler's entry share one float.
+            if timestamp is None:
+                handler._due = deadline = handler._due + wait
+                self._scheduler._push(handler, deadline, False)
+            else:
+                handler._due += timestamp - time.time()
+                self._scheduler._push(handler, timestamp, True)
+        self._after_submit(handler)
         return handler
 
     def _admit_locked(self, handler: TaskHandler) -> None:
@@ -1254,4 +1262,7 @@ class TaskManager:
 
 
 def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+    """Seconds left until `deadline`, in the range every blocking call accepts."""
+    if deadline is None:
+        return None
+    return min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)

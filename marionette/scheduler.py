@@ -77,11 +77,12 @@ class _Timeline:
 
     def push(self, item: Any, deadline: float, wall: bool) -> bool:
         """Add `item` (moving it if it is pending); True if it is now the first of its heap."""
-        if item in self._entries:
-            self._bury()  # its old entry stays in a heap, dead
+        moved = item in self._entries
         self._seq += 1
         entry = (deadline, self._seq, item, wall)
         self._entries[item] = entry
+        if moved:  # its old entry stays in a heap, dead (a compaction now drops it)
+            self._bury()
         heap = self._wall if wall else self._mono
         heapq.heappush(heap, entry)
         return heap[0] is entry
