@@ -212,24 +212,10 @@ def test_timeline_matches_model_while_compacting() -> None:
     run_state_machine_as_test(TimelineCompactingMachine, settings=TIMELINE_SETTINGS)
 
 
-#: The dead-count bug needs a move while the dead outnumber the live; 300 examples
-#: find it every time (measured: 300 runs out of 300), and stop at the first.
-DEAD_COUNT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _Timeline.push of a pending item calls _bury() before it replaces the"
-        " item's entry; when that _bury compacts, the old entry is still in _entries, so"
-        " it survives the rebuild while _dead is reset to 0: one dead entry goes"
-        " uncounted and _dead later goes negative. Minimal example (floor 0):"
-        " push_new(offset=0) then push_again of that item twice"
-    ),
-)
-
-
-@DEAD_COUNT_BUG
 def test_timeline_counts_dead_entries_while_compacting() -> None:
     """The heaps always hold exactly the live entries plus the counted dead ones."""
-    # No shrinking: the minimal example is in the reason, and shrinking it can take 15 s.
+    # Regression: a move while the dead outnumber the live used to leave one dead
+    # entry uncounted (found here). 300 examples always reached that case; no shrinking.
     unshrunk = settings(
         TIMELINE_SETTINGS,
         max_examples=300,
@@ -238,7 +224,6 @@ def test_timeline_counts_dead_entries_while_compacting() -> None:
     run_state_machine_as_test(TimelineDeadCountMachine, settings=unshrunk)
 
 
-@DEAD_COUNT_BUG
 def test_timeline_counts_dead_entries_after_moves_past_the_floor() -> None:
     """Moving one item past the library's own compaction floor keeps `_dead` exact."""
     timeline = _Timeline()
