@@ -27,6 +27,7 @@ import tenacity
 
 from ._time import monotonic_to_utc, seconds
 from .context import Context
+from .scheduler import next_sequence
 
 if TYPE_CHECKING:
     from ._log import Log
@@ -259,13 +260,11 @@ class TaskHandler:
         "id",
     )
 
-    _ids = iter(range(1, 1 << 62)).__next__  # atomic under the GIL; creation order
-
     def __init__(
         self, owner: _Owner, fn: Callable[[Context], Any], opts: Options, name: str | None
     ) -> None:
         #: Unique in the process, increasing with creation time.
-        self.id: int = TaskHandler._ids()
+        self.id: int = next_sequence()
         self._owner = owner
         self._fn = fn
         self._opts = opts

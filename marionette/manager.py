@@ -472,16 +472,26 @@ class TaskManager:
                     return existing
             elif handler._state is not _PENDING:  # wrapped and cancelled before this
                 return handler
-            self._count_locked(handler, _SCHEDULED)
+            # _count_locked, inlined: this is the hot path of delay and schedule.
+            now = handler._submitted_at = time.monotonic()
+            handler._state = _SCHEDULED
+            self._active += 1
+            self._submitted += 1
             self._scheduled += 1
-            # The handler's due time and the scheduler's entry share one float.
+            if handler._opts.context is not None:
+                handler._opts.context._on_done(handler, handler._parent_done)
+            if self._events.wanted:
+                self._emit_locked(_Kind.SUBMITTED, handler)
+            # The handler's due time and the scheduler's entry share one float, and
+            # the entry's tie-breaker is the handler's id: no extra objects per task.
             if timestamp is None:
-                handler._due = deadline = handler._due + wait
-                self._scheduler._push(handler, deadline, False)
+                handler._due = deadline = now + wait
+                self._scheduler._push(handler, deadline, False, handler.id)
             else:
-                handler._due += timestamp - time.time()
-                self._scheduler._push(handler, timestamp, True)
-        self._after_submit(handler)
+                handler._due = now + (timestamp - time.time())
+                self._scheduler._push(handler, timestamp, True, handler.id)
+        if handler._opts.context is not None or self._events.wanted:
+            self._after_submit(handler)
         return handler
 
     def _admit_locked(self, handler: TaskHandler) -> None:

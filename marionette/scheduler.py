@@ -13,11 +13,12 @@ breaks ties, so items are never compared. A dict maps each item to its live entr
 rebuilt in O(n) once the dead outnumber the live, which keeps the amortized cost of
 a cancel O(1) and memory bounded.
 
-Why not the alternatives: `bisect.insort` on a list pays an O(n) memmove per insert
-(measured in bench/: about 229 µs per insert at 1,000,000 entries for APScheduler's
-sorted list), and `sortedcontainers.SortedList` keeps inserts O(log n) but runs them
-in Python (about 2 µs each); a heap push is about 0.2 µs in C, and the dict makes
-cancel O(1). The comparison is measured in ``bench/README.md``.
+Why not the alternatives (measured in bench/, 1,000,000 entries, this machine):
+`bisect.insort` on a list pays an O(n) memmove per insert (177-218 us per insert,
+163-171 us per cancel); `sortedcontainers.SortedList` keeps both O(log n) but runs
+them in Python (7.6-9.6 us per insert, 6.3-8.1 us per cancel); the heap pushes in C
+(0.65-0.82 us per insert) and the dict makes a cancel O(1) (1.2-1.6 us). See
+``bench/README.md``.
 
 Locking. `Scheduler._lock` guards the timeline (both heaps and the dict), the
 lifecycle state, the thread and the pass counter; the two Conditions share it.
@@ -52,6 +53,11 @@ _Entry = tuple[float, int, Any, bool]
 # Compaction only pays off past this many dead entries.
 _MIN_DEAD_TO_COMPACT = 1024
 
+#: The process-wide sequence: entry tie-breakers and task ids are drawn from it, so
+#: an item's own id can serve as its entry's `seq` (one int less per pending task)
+#: and seqs stay unique whatever the mix of items. Atomic under the GIL.
+next_sequence = iter(range(1, 1 << 62)).__next__
+
 
 class _Timeline:
     """The pending entries: pure data, no lock, no thread, no clock of its own.
@@ -60,14 +66,13 @@ class _Timeline:
     until the next" a function that tests can drive without threads.
     """
 
-    __slots__ = ("_dead", "_entries", "_mono", "_seq", "_wall")
+    __slots__ = ("_dead", "_entries", "_mono", "_wall")
 
     def __init__(self) -> None:
         self._mono: list[_Entry] = []
         self._wall: list[_Entry] = []
         self._entries: dict[Any, _Entry] = {}
         self._dead = 0
-        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,11 +80,14 @@ class _Timeline:
     def __contains__(self, item: object) -> bool:
         return item in self._entries
 
-    def push(self, item: Any, deadline: float, wall: bool) -> bool:
-        """Add `item` (moving it if it is pending); True if it is now the first of its heap."""
+    def push(self, item: Any, deadline: float, wall: bool, seq: int | None = None) -> bool:
+        """Add `item` (moving it if it is pending); True if it is now the first of its heap.
+
+        `seq` breaks ties between equal deadlines: a fresh `next_sequence()` unless the
+        caller passes one drawn from it earlier (an item's id).
+        """
         moved = item in self._entries
-        self._seq += 1
-        entry = (deadline, self._seq, item, wall)
+        entry = (deadline, next_sequence() if seq is None else seq, item, wall)
         self._entries[item] = entry
         if moved:  # its old entry stays in a heap, dead (a compaction now drops it)
             self._bury()
@@ -306,9 +314,9 @@ class Scheduler(Generic[T]):
         with self._lock:
             return [item for _, item in self._timeline.ordered(time.monotonic(), time.time())]
 
-    def _push(self, item: T, deadline: float, wall: bool) -> None:
+    def _push(self, item: T, deadline: float, wall: bool, seq: int | None = None) -> None:
         with self._lock:
-            if self._timeline.push(item, deadline, wall):
+            if self._timeline.push(item, deadline, wall, seq):
                 self._wakeup.notify()
 
     def cancel(self, item: T) -> bool:
