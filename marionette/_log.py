@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import traceback
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -140,6 +141,17 @@ class Log:
             getattr(self._logger, method)(event, **values)
         except Exception:
             _report()
+        except BaseException:
+            # A logger raising SystemExit or the like: the threads marionette runs
+            # must outlive it, but the caller's own thread gets it, as usual.
+            if not _ours():
+                raise
+            _report()
+
+
+def _ours() -> bool:
+    """Is the calling thread one of marionette's (a worker, scheduler or listener)?"""
+    return threading.current_thread().name.startswith("marionette-")
 
 
 def _report() -> None:

@@ -35,6 +35,8 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
         self._takers = 0  # workers waiting in take_locked()
         self._waking = 0  # of those, notified and not yet running again
         self._putters = 0  # producers waiting in put_blocking()
+        #: The tasks those producers are waiting to put.
+        self.blocked: list[TaskHandler] = []
 
     def force_locked(self, item: TaskHandler | None) -> None:
         """Put, even past the bound: for the manager's own threads and stop signals."""
@@ -81,12 +83,17 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
         Takes the lock itself: called by a producer that holds nothing.
         """
         with self.mutex:
-            while not self.closed and len(self.queue) >= self.maxsize:
-                self._putters += 1
+            if not self.closed and len(self.queue) >= self.maxsize:
+                self.blocked.append(item)  # for the fork hook: counted, in no queue yet
                 try:
-                    self.not_full.wait()
+                    while not self.closed and len(self.queue) >= self.maxsize:
+                        self._putters += 1
+                        try:
+                            self.not_full.wait()
+                        finally:
+                            self._putters -= 1
                 finally:
-                    self._putters -= 1
+                    self.blocked.remove(item)
             if self.closed:
                 return False
             self.force_locked(item)

@@ -39,11 +39,15 @@ owners: dict[int, object] = {}
 def owned(owner: object) -> Iterator[None]:
     """Register the calling thread as `owner`'s for the duration of the block."""
     ident = threading.get_ident()
+    previous = owners.get(ident)  # a task run by exec() inside another task
     owners[ident] = owner
     try:
         yield
     finally:
-        owners.pop(ident, None)  # gone already in a child made by fork
+        if previous is None:
+            owners.pop(ident, None)  # gone already in a child made by fork
+        else:
+            owners[ident] = previous
 
 
 def current_owner() -> object:

@@ -33,14 +33,17 @@ def seconds(
     name the argument and the bad value.
     """
     kind = type(value)
-    if kind is float or kind is int:  # the common case, without the ABC checks below
-        result = float(value)  # type: ignore[arg-type]
-    elif isinstance(value, timedelta):
-        result = value.total_seconds()
-    elif isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
-    else:
-        result = float(value)
+    try:
+        if kind is float or kind is int:  # the common case, without the ABC checks below
+            result = float(value)  # type: ignore[arg-type]
+        elif isinstance(value, timedelta):
+            result = value.total_seconds()
+        elif isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+        else:
+            result = float(value)
+    except OverflowError:  # an int too large for a float
+        raise error(f"{name} must be finite, not {value!r}") from None
     if not math.isfinite(result):
         raise error(f"{name} must be finite, not {value!r}")
     if result < 0 and not allow_negative:

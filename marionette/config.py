@@ -112,7 +112,17 @@ class Config:
         their defaults. A malformed or invalid value raises `ConfigError` (or its
         subclass `NoWorkers` / `NoServerName`) naming the variable.
         """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {prefix!r}")
         env = os.environ if environ is None else environ
+        if not isinstance(env, Mapping):
+            raise TypeError(f"environ must be a mapping of str to str, not {env!r}")
+        for name in ("WORKERS", "QUEUE_SIZE", "SERVER_NAME", "LIMITS"):
+            raw = env.get(prefix + name)
+            if raw is not None and not isinstance(raw, str):
+                raise ConfigError(
+                    f"{prefix + name} must be a string, not {raw!r}", field=prefix + name, value=raw
+                )
         values: dict[str, Any] = {}
         raw_limits = env.get(prefix + "LIMITS")
         if raw_limits is not None:

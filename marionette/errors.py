@@ -84,6 +84,14 @@ def text(value: object) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+def safe_repr(value: object) -> str:
+    """`repr(value)`, or a placeholder when its __repr__ raises: for log fields."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
 def describe(exc: BaseException) -> str:
     """``"Type: message"``, or just the type name when the message is empty."""
     message = text(exc)

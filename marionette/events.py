@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import _threads
+from .errors import describe, safe_repr
 
 if TYPE_CHECKING:
     from ._log import Log
@@ -87,6 +88,9 @@ class Dispatcher:
         #: The kinds some listener wants: read by emitters before building an event.
         self.wanted: frozenset[TaskEventKind] = frozenset()
         self._thread: threading.Thread | None = None
+        # The delivery thread of the last stop, which may still be finishing its batch:
+        # its successor waits for it, so that listeners are never called twice at once.
+        self._previous: threading.Thread | None = None
         # Each delivery thread serves one generation; stopping starts the next, so
         # a thread that outlived a stop can never deliver beside its successor.
         self._generation = 0
@@ -146,7 +150,7 @@ class Dispatcher:
             return None
         self._unbounded = False
         self._thread = threading.Thread(
-            target=self._run, args=(self._generation,), name=f"{self._name}-listener"
+            target=self._run, args=(self._generation, self._previous), name=f"{self._name}-listener"
         )
         return self._thread
 
@@ -185,13 +189,16 @@ class Dispatcher:
                     )
             self._generation += 1
             self._thread = None
+            self._previous = thread
             self._ready.notify_all()
             self._room.notify_all()
         if not inside:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
 
-    def _run(self, generation: int) -> None:
+    def _run(self, generation: int, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()  # it delivers the rest of its batch first, in order
         with _threads.owned(self._owner):
             self._deliver(generation)
 
@@ -218,8 +225,8 @@ class Dispatcher:
                         except BaseException as exc:  # a listener that raises is kept
                             self._log.error(
                                 "listener raised",
-                                listener=repr(fn),
+                                listener=safe_repr(fn),
                                 kind=event.kind.value,
                                 task_id=event.task.id,
-                                error=repr(exc),
+                                error=describe(exc),
                             )

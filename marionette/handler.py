@@ -27,6 +27,7 @@ import tenacity
 
 from ._time import monotonic_to_utc, seconds
 from .context import Context
+from .errors import describe
 from .scheduler import next_sequence
 
 if TYPE_CHECKING:
@@ -415,7 +416,7 @@ class TaskHandler:
             fn(self)
         except BaseException as exc:  # as concurrent.futures: log, never raise
             self._owner._log.error(
-                "done callback raised", task_id=self.id, task=self.name, error=repr(exc)
+                "done callback raised", task_id=self.id, task=self.name, error=describe(exc)
             )
 
     def as_future(self) -> concurrent.futures.Future[Any]:

@@ -85,6 +85,9 @@ _RUNNING = TaskState.RUNNING
 _Kind = TaskEventKind
 
 _FUNCTION = types.FunctionType
+#: The shortest `every` interval: below it the monotonic clock's float resolution
+#: makes "the next point of the grid" meaningless.
+MIN_INTERVAL = 1e-6
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 _get_ident = threading.get_ident
 
@@ -184,39 +187,56 @@ class TaskManager:
         A stopped manager starts again with the tasks its last stop kept, queued
         ones first. While another thread is stopping it, waits for that stop.
         """
-        with self._lifecycle:
-            with self._lock:
-                if self._state is _Lifecycle.RUNNING:
-                    return
-                while self._state is _Lifecycle.STOPPING:
-                    if _threads.current_owner() is self:
-                        raise RuntimeError("start() from inside a task while stop() runs")
-                    self._changed.wait()
-                q = TaskQueue(self._config.queue_size, self._lock)
-                while self._kept:
-                    handler = self._kept.popleft()
-                    if handler._state is _PENDING:
-                        q.force_locked(handler)
-                threads = [
-                    threading.Thread(target=self._work, args=(q,), name=f"marionette-worker-{n}")
-                    for n in range(1, self._config.workers + 1)
-                ]
-                listener = self._events.start_locked()
-                self._queue, self._threads = q, threads
-                self._state = _Lifecycle.RUNNING
-                self._started_at = time.monotonic()
-                self._changed.notify_all()
-            for thread in threads:
-                thread.start()
-            if listener is not None:
-                listener.start()
-            self._scheduler.start()
+        # Wait for a stop under way before taking _lifecycle: that stop may wait for
+        # a task that itself calls stop() (which takes _lifecycle).
+        inside = _threads.current_owner() is self
+        while True:
+            self._wait_for_stop(inside)
+            with self._lifecycle:
+                with self._lock:
+                    if self._state is _Lifecycle.RUNNING:
+                        return
+                    if self._state is _Lifecycle.STOPPING:
+                        continue  # a start and a stop slipped in: wait again
+                    threads, listener = self._new_run_locked()
+                for thread in threads:
+                    thread.start()
+                if listener is not None:
+                    listener.start()
+                self._scheduler.start()
+            break
         _threads.track(self)
         self._log.info(
             "task manager started",
             workers=self._config.workers,
             queue_size=self._config.queue_size,
         )
+
+    def _wait_for_stop(self, inside: bool) -> None:
+        """Wait while another thread stops the manager (refused from inside a task)."""
+        with self._lock:
+            while self._state is _Lifecycle.STOPPING:
+                if inside:
+                    raise RuntimeError("start() from inside a task while stop() runs")
+                self._changed.wait()
+
+    def _new_run_locked(self) -> tuple[list[threading.Thread], threading.Thread | None]:
+        """Make the queue and threads of a new run (the caller starts the threads)."""
+        q = TaskQueue(self._config.queue_size, self._lock)
+        while self._kept:
+            handler = self._kept.popleft()
+            if handler._state is _PENDING:
+                q.force_locked(handler)
+        threads = [
+            threading.Thread(target=self._work, args=(q,), name=f"marionette-worker-{n}")
+            for n in range(1, self._config.workers + 1)
+        ]
+        listener = self._events.start_locked()
+        self._queue, self._threads = q, threads
+        self._state = _Lifecycle.RUNNING
+        self._started_at = time.monotonic()
+        self._changed.notify_all()
+        return threads, listener
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully; from its first instant, new submissions raise.
@@ -313,7 +333,10 @@ class TaskManager:
             self._events.fork_child_locked()
             q = self._queue
             if q is not None:
-                leftover = [h for h in q.queue if h is not None and h._state is _PENDING]
+                # Queued tasks, then those whose submitters were blocked on the full
+                # queue (those threads do not exist here).
+                waiting = [*q.queue, *q.blocked]
+                leftover = [h for h in waiting if h is not None and h._state is _PENDING]
                 q.closed = True  # a worker that forked leaves this queue on a stop signal
                 q.queue.clear()
                 q.queue.extend([None] * len(self._threads))
@@ -754,12 +777,13 @@ class TaskManager:
         end of the previous run by `interval`. `jitter` adds a random 0..jitter
         seconds to each run, planned from the un-jittered grid. Runs never overlap,
         never pile up, and are never skipped for busy workers (see `Periodic`).
-        `interval` <= 0 or `jitter` < 0 raise `ValueError`; a naive `start` raises
+        `interval` below a microsecond (zero and negative included) or `jitter` < 0
+        raise `ValueError`; a naive `start` raises
         `Unschedulable`. Each run is an ordinary task with `opts`.
         """
         period = seconds(interval, "interval")
-        if period <= 0:
-            raise ValueError(f"interval must be positive, not {interval!r}")
+        if period < MIN_INTERVAL:
+            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, not {interval!r}")
         spread = seconds(jitter, "jitter", allow_negative=False)
         if fixed_delay is not True and fixed_delay is not False:
             raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
@@ -915,7 +939,7 @@ class TaskManager:
                     self._serve(q)
                     return
                 except BaseException as exc:  # a worker outlives anything, even our bugs
-                    self._log.error("worker error", error=repr(exc))
+                    self._log.error("worker error", error=describe(exc))
 
     def _serve(self, q: TaskQueue) -> None:
         """The worker loop, until it takes a stop signal.
@@ -961,7 +985,8 @@ class TaskManager:
         if ctx is _PARENT_DONE:
             handler.cancel()
         elif ctx is not None:
-            done = self._run(handler, ctx)
+            with _threads.owned(self):  # inside a task now: join() must refuse, etc.
+                done = self._run(handler, ctx)
             with self._lock:
                 self._foreign -= 1
                 extras = self._succeed_locked(*done) if done is not None else None
@@ -1115,6 +1140,7 @@ class TaskManager:
         attempt = handler._attempts
         delay: float | None = None
         cause: Exception | None = None
+        stopper: BaseException | None = None  # a strategy raised a BaseException
         if (
             isinstance(exc, Exception)
             and not (handler._extras is not None and handler._extras.cancelling)
@@ -1125,10 +1151,17 @@ class TaskManager:
                 delay = retry_delay(opts, attempt, exc, handler._submitted_at)
             except Exception as strategy_error:  # a broken strategy ends the task, loudly
                 cause = strategy_error
+            except BaseException as strategy_exit:  # as if the task had raised it itself
+                stopper = strategy_exit
         # Built before taking the lock: it formats user exceptions.
         final: BaseException | None = None
         if delay is None:
-            final = exc if not isinstance(exc, Exception) else self._task_error(handler, exc)
+            if stopper is not None:
+                final = stopper
+            elif not isinstance(exc, Exception):
+                final = exc
+            else:
+                final = self._task_error(handler, exc)
             if cause is not None:
                 final.__cause__ = cause
         with self._lock:
@@ -1175,13 +1208,13 @@ class TaskManager:
             if cause is not None:
                 log.error("retry strategy raised", task_id=handler.id, error=describe(cause))
             log.error("task failed for good", attempt=attempt, **final.dict())
-        else:
+        elif final is not None:
             log.error(
                 "task failed for good",
                 task_id=handler.id,
                 task=handler.name,
                 attempt=attempt,
-                error=describe(exc),
+                error=describe(final),
             )
         handler._fire(extras)
 

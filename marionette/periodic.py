@@ -18,7 +18,6 @@ time that occurs twice (autumn fold) runs once, at its first occurrence.
 from __future__ import annotations
 
 import enum
-import math
 import random
 import time
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -53,7 +52,8 @@ def next_grid(grid: float, interval: float, now: float) -> float:
     """
     if grid > now:
         return grid
-    return grid + (math.floor((now - grid) / interval) + 1) * interval
+    # now + the phase of the grid: no overflow however far behind the grid is.
+    return now + ((grid - now) % interval or interval)
 
 
 def parse_zone(tz: object) -> tzinfo:
@@ -66,7 +66,7 @@ def parse_zone(tz: object) -> tzinfo:
         raise TypeError(f"tz must be a zoneinfo.ZoneInfo or a zone name, not {tz!r}")
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a directory
         raise ValueError(f"unknown time zone {tz!r}") from exc
 
 

@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 from . import _threads
 from ._log import Log
 from ._time import aware, monotonic_to_utc, seconds, timestamp_to_utc
-from .errors import Unschedulable
+from .errors import Unschedulable, describe, safe_repr
 
 __all__ = ["Scheduler"]
 
@@ -186,7 +186,10 @@ class Scheduler(Generic[T]):
     to the new time. `out` is called with no lock held; if it raises, the error is
     logged and the scheduler carries on. Items may be added, moved or cancelled from
     any thread, whether the scheduler is running or not: a stopped scheduler keeps
-    its items and hands them out after the next `start()`.
+    its items and hands them out after the next `start()`. In a child made by
+    `os.fork()` the scheduler is stopped and keeps its items, including the rest of
+    a batch the parent's thread was handing out (from the item whose `out` call was
+    under way, since that call never completes in the child).
     """
 
     def __init__(
@@ -206,6 +209,10 @@ class Scheduler(Generic[T]):
         self._state = _State.STOPPED
         self._thread: threading.Thread | None = None
         self._passes = 0
+        # The batch the thread is handing out, and how many of it it has handed out:
+        # written only by the thread, read by the fork hook (see _fork_child).
+        self._batch: list[T] = []
+        self._handed = 0
         _threads.forkable(self)
 
     # -- fork (see _threads): a child gets a stopped scheduler with its items ----
@@ -219,6 +226,13 @@ class Scheduler(Generic[T]):
         self._lock.release()
 
     def _fork_child(self) -> None:
+        # Items the thread had taken out but not yet handed over are due here too,
+        # the one whose out() was under way included: that call never ends here.
+        now = time.monotonic()
+        for item in self._batch[self._handed :]:
+            if item not in self._timeline:
+                self._timeline.push(item, now, False)
+        self._batch, self._handed = [], 0
         self._state = _State.STOPPED
         self._thread = None
         # Waiters of the parent's threads would swallow notifications here.
@@ -379,8 +393,13 @@ class Scheduler(Generic[T]):
                         self._wakeup.wait()
                     else:
                         self._wakeup.wait(min(timeout, threading.TIMEOUT_MAX))
+            self._batch, self._handed = due, 0
             for item in due:
                 try:
                     out(item)
                 except BaseException as exc:  # the thread must outlive any item
-                    self._log.error("scheduler out raised", item=repr(item), error=repr(exc))
+                    self._log.error(
+                        "scheduler out raised", item=safe_repr(item), error=describe(exc)
+                    )
+                self._handed += 1  # for the fork hook: a plain store, read only there
+            self._batch = []
