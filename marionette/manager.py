@@ -421,20 +421,11 @@ class TaskManager:
         """
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
-        if opts or type(task) is not _FUNCTION:
-            handler = self.wrap_task(task, **opts)
-        else:  # the hot path: a plain function and no options
-            handler = TaskHandler(self, task, DEFAULT_OPTIONS, None)
+        handler = self._handler_for(task, opts)
         waiting = False
         with self._lock:
-            if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
-                self._admit_locked(handler)
-            if handler._opts.key is not None:
-                existing = self._claim_key_locked(handler)
-                if existing is not None:
-                    return existing
-            elif handler._state is not _PENDING:  # wrapped and cancelled before this
-                return handler
+            if (early := self._claim_locked(handler)) is not None:
+                return early
             q = self._queue
             assert q is not None
             if len(q.queue) < q.maxsize or (block and _get_ident() in owners):
@@ -482,19 +473,10 @@ class TaskManager:
     ) -> TaskHandler:
         """Submit to the scheduler: `wait` seconds from now, or at the wall-clock
         `timestamp` when one is given. The hot path of `delay` and `schedule`."""
-        if opts or type(task) is not _FUNCTION:
-            handler = self.wrap_task(task, **opts)
-        else:
-            handler = TaskHandler(self, task, DEFAULT_OPTIONS, None)
+        handler = self._handler_for(task, opts)
         with self._lock:
-            if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
-                self._admit_locked(handler)
-            if handler._opts.key is not None:
-                existing = self._claim_key_locked(handler)
-                if existing is not None:
-                    return existing
-            elif handler._state is not _PENDING:  # wrapped and cancelled before this
-                return handler
+            if (early := self._claim_locked(handler)) is not None:
+                return early
             # _count_locked, inlined: this is the hot path of delay and schedule.
             now = handler._submitted_at = time.monotonic()
             handler._state = _SCHEDULED
@@ -516,6 +498,24 @@ class TaskManager:
         if handler._opts.context is not None or self._events.wanted:
             self._after_submit(handler)
         return handler
+
+    def _handler_for(self, task: Any, opts: dict[str, Any]) -> TaskHandler:
+        """The handler a submission runs: a new one, or the handler given."""
+        if opts or type(task) is not _FUNCTION:
+            return self.wrap_task(task, **opts)
+        return TaskHandler(self, task, DEFAULT_OPTIONS, None)  # the hot path
+
+    def _claim_locked(self, handler: TaskHandler) -> TaskHandler | None:
+        """Admit a submission: raise if it may not be made; return the handler the
+        caller must return at once (its key's pending instance, or a handler
+        cancelled before its submission), or None to go on and count it."""
+        if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
+            self._admit_locked(handler)
+        if handler._opts.key is not None:
+            return self._claim_key_locked(handler)
+        if handler._state is not _PENDING:
+            return handler
+        return None
 
     def _admit_locked(self, handler: TaskHandler) -> None:
         """Raise unless `handler` may be submitted now."""
