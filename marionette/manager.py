@@ -255,6 +255,7 @@ class TaskManager:
         limit = None if timeout is None else seconds(timeout, "timeout", allow_negative=False)
         deadline = None if limit is None else time.monotonic() + limit
         inside = _threads.current_owner() is self
+        interrupted: BaseException | None = None  # e.g. Ctrl-C: stop as on a timeout
         with self._lifecycle:
             with self._lock:
                 state = self._state
@@ -264,7 +265,10 @@ class TaskManager:
                     self._events.unbound_locked()
             if state is _Lifecycle.RUNNING:
                 assert q is not None
-                self._scheduler.stop()
+                try:
+                    self._scheduler.stop()
+                except BaseException as exc:
+                    interrupted = exc
                 with self._lock:
                     for _ in threads:
                         q.force_locked(None)
@@ -279,12 +283,11 @@ class TaskManager:
             return
         assert q is not None
         me = threading.current_thread()
-        interrupted: BaseException | None = None
         try:
             for thread in threads:
-                if thread is not me:
+                if thread is not me and interrupted is None:
                     thread.join(_remaining(deadline))
-        except BaseException as exc:  # e.g. Ctrl-C while waiting: stop as on a timeout
+        except BaseException as exc:
             interrupted = exc
         abandoned = any(t.is_alive() for t in threads if t is not me)
         with self._lock:
