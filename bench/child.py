@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import reactive
 import structures
 import systems
 
@@ -22,6 +23,9 @@ FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "idle": systems.idle,
     "lateness": systems.lateness,
     "structure": structures.structure,
+    "periodic": reactive.periodic,
+    "groups": reactive.groups,
+    "wakeup": reactive.wakeup,
 }
 
 

@@ -10,21 +10,28 @@ show medians over the rounds.
     python bench/run.py --quick           # small sizes, one round: a smoke test
     python bench/run.py delay idle        # only those benchmarks
     python bench/run.py --rounds 5 --json results.json
+    python bench/run.py --snapshot HEAD   # the committed code, not the working tree
 
-Benchmarks: throughput, delay, idle, lateness, structures (see bench/README.md).
+Benchmarks: throughput, delay, idle, lateness, structures, periodic, groups (see
+bench/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
+import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -524,6 +531,157 @@ def structure_report(cases: list[Case], r: Results, o: Options) -> Report:
     return Report(lines, targets)
 
 
+# -- periodic (reactive scheduling) ------------------------------------------------
+
+PERIODIC_SYSTEMS = {
+    "marionette": "marionette, tm.every() (4 workers)",
+    "floor": "floor: a bare timer thread, runs inline",
+    "apscheduler": "APScheduler 3, interval jobs (4 workers, its defaults)",
+}
+
+
+def periodic_cases(o: Options) -> list[Case]:
+    if o.quick:
+        kw: dict[str, Any] = {"n": 1_000, "seconds": 3.0, "lead": 1.0, "grace": 1.0}
+    else:
+        kw = {"n": 10_000, "seconds": 10.0, "lead": 3.0, "grace": 1.5}
+    cases = []
+    for aligned, how in ((False, "spread"), (True, "aligned")):
+        for system, label in PERIODIC_SYSTEMS.items():
+            cases.append(
+                Case(
+                    f"{system}-{how}",
+                    f"{label}, {how}",
+                    "periodic",
+                    {"system": system, "interval": 1.0, "aligned": aligned, **kw},
+                )
+            )
+    return cases
+
+
+def periodic_report(cases: list[Case], r: Results, o: Options) -> Report:
+    rows = []
+    for c in cases:
+        skipped = None
+        if c.kwargs["system"] == "apscheduler":
+            missed = worst(r, c.key, "missed")
+            capped = worst(r, c.key, "max_instances")
+            if missed is not None and capped is not None:
+                skipped = f"{fmt_int(missed)} + {fmt_int(capped)}"
+        rows.append(
+            [
+                c.label,
+                fmt_num(_pct(median(r, c.key, "scheduler_cpu_share")), " %"),
+                fmt_num(_pct(median(r, c.key, "process_cpu_share")), " %"),
+                fmt_int(median(r, c.key, "scheduler_wakeups_per_s")),
+                fmt_num(median(r, c.key, "p50_ms"), " ms"),
+                fmt_num(median(r, c.key, "p99_ms"), " ms"),
+                fmt_num(worst(r, c.key, "max_ms"), " ms"),
+                f"{fmt_int(worst(r, c.key, 'lost'))} of {fmt_int(median(r, c.key, 'expected'))}",
+                fmt_int(worst(r, c.key, "coalesced")),
+                skipped or "—",
+                f"{len(values(r, c.key, 'p99_ms'))}",
+            ]
+        )
+    headers = [
+        "system, first runs",
+        "scheduler thread CPU",
+        "process CPU",
+        "scheduler blocked/s",
+        "lateness p50",
+        "p99",
+        "max (worst)",
+        "runs lost (worst)",
+        "coalesced (worst)",
+        "APS missed + max_instances (worst)",
+        "rounds",
+    ]
+    lines = table(headers, rows)
+    kw = cases[0].kwargs
+    slow = [c.label for c in cases if (worst(r, c.key, "submit_s") or 0) > kw["lead"]]
+    if slow:
+        lines.append(
+            f"\nWARNING: submitting took longer than the {kw['lead']} s lead for: {', '.join(slow)}"
+        )
+    odd = [c.label for c in cases if (worst(r, c.key, "misattributed") or 0) > 0]
+    if odd:
+        lines.append(
+            "\nNOTE: some runs were more than one interval late, so their lateness is"
+            f" understated (each is attributed to a later occurrence): {', '.join(odd)}"
+        )
+    targets = []
+    for how in ("spread", "aligned"):
+        key = f"marionette-{how}"
+        lost, twice = worst(r, key, "lost"), worst(r, key, "misattributed")
+        met = None if lost is None or twice is None else lost == 0 and twice == 0
+        targets.append(
+            Target(
+                "periodic",
+                f"{fmt_int(kw['n'])} periodics, first runs {how}: no run lost or more"
+                " than one interval late (late beats lost)",
+                f"{fmt_int(lost)} lost, {fmt_int(twice)} over one interval late",
+                met,
+            )
+        )
+    return Report(lines, targets)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+# -- groups ------------------------------------------------------------------------
+
+
+def groups_cases(o: Options) -> list[Case]:
+    n = 20_000 if o.quick else 200_000
+    return [
+        Case("none", "no group", "groups", {"n": n, "limit": None}),
+        Case(
+            "named",
+            'no group, name="noop" (the options path, no gate)',
+            "groups",
+            {"n": n, "limit": None, "named": True},
+        ),
+        Case("g4", 'group="g", limits={"g": 4}', "groups", {"n": n, "limit": 4}),
+        Case("g2", 'group="g", limits={"g": 2}', "groups", {"n": n, "limit": 2}),
+    ]
+
+
+def groups_report(cases: list[Case], r: Results, o: Options) -> Report:
+    rows = []
+    for c in cases:
+        rows.append(
+            [
+                c.label,
+                fmt_int(median(r, c.key, "rate")),
+                fmt_ratio(ratio(r, c.key, "none", "rate")),
+                fmt_ratio(ratio(r, c.key, "named", "rate")),
+                fmt_ratio(ratio(r, c.key, "g4", "rate")),
+                fmt_num(median(r, c.key, "switches_per_task")),
+                f"{len(values(r, c.key, 'rate'))}",
+            ]
+        )
+    headers = [
+        "4 workers, one producer",
+        "tasks/s (median)",
+        "vs no group",
+        'vs name="noop"',
+        "vs limit 4",
+        "context switches per task",
+        "rounds",
+    ]
+    lines = table(headers, rows)
+    incomplete = [
+        c.label
+        for c in cases
+        if any(m is not None and m["completed"] != m["n"] for m in r.get(c.key, []))
+    ]
+    if incomplete:
+        lines.append(f"\nWARNING: not every task completed for: {', '.join(incomplete)}")
+    return Report(lines, [])
+
+
 BENCHMARKS = {
     b.name: b
     for b in (
@@ -557,6 +715,20 @@ BENCHMARKS = {
             3,
             structure_cases,
             structure_report,
+        ),
+        Benchmark(
+            "periodic",
+            "10,000 periodics at 1 s intervals, 4 workers, a 10 s window",
+            3,
+            periodic_cases,
+            periodic_report,
+        ),
+        Benchmark(
+            "groups",
+            "Group-limited throughput: 200,000 no-op tasks, 4 workers, one producer",
+            5,
+            groups_cases,
+            groups_report,
         ),
     )
 }
@@ -633,6 +805,29 @@ def revision() -> str:
     return f"{commit}{' + uncommitted changes in marionette/' if dirty else ''}"
 
 
+def export_snapshot(rev: str) -> tuple[Path, str]:
+    """Export `rev`'s marionette/ into a temporary directory (``git archive``).
+
+    Children import marionette from there (it goes first on PYTHONPATH), so the
+    code measured is exactly that commit, whatever is being edited meanwhile.
+    Returns the directory and the commit's short hash.
+    """
+    root = HERE.parent
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", rev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    target = Path(tempfile.mkdtemp(prefix=f"marionette-{commit}-"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "marionette"], capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target, commit
+
+
 def versions() -> str:
     """Versions of the systems, read from a child so this process imports none."""
     code = (
@@ -665,6 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument(
+        "--snapshot",
+        metavar="REV",
+        help="measure marionette/ as committed at REV (e.g. HEAD), exported with git archive,"
+        " instead of the working tree",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for b in BENCHMARKS.values():
@@ -683,7 +884,26 @@ def main(argv: list[str] | None = None) -> int:
 
     out = ["# marionette benchmarks" + (" (--quick)" if o.quick else ""), "", *machine()]
     out.append(f"- versions: {versions()}")
-    out.append(f"- marionette revision: {revision()}")
+    if args.snapshot:
+        where, commit = export_snapshot(args.snapshot)
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(where), os.environ.get("PYTHONPATH")) if p
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", "import marionette; print(marionette.__file__)"],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+        ).stdout.strip()
+        if not found.startswith(str(where)):
+            parser.error(f"children would import marionette from {found!r}, not {where}")
+        out.append(
+            f"- marionette revision: {commit} (exported with git archive; uncommitted"
+            " changes in the working tree not measured)"
+        )
+    else:
+        out.append(f"- marionette revision: {revision()}")
     began = time.perf_counter()
     targets: list[Target] = []
     dump: dict[str, Any] = {}

@@ -82,16 +82,17 @@ DEFAULT_BACKOFF = tenacity.wait_exponential(
 #: The default retry predicate: any `Exception`.
 DEFAULT_RETRY = tenacity.retry_if_exception_type(Exception)
 
-_OPTION_NAMES = frozenset(
-    {"retries", "backoff", "retry", "stop", "timeout", "context", "error", "name", "key", "group"}
-)
-
 Strategy = Callable[[tenacity.RetryCallState], Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Options:
-    """A submission's validated options (shared by every submission without any)."""
+    """A submission's validated options (shared by every submission without any).
+
+    Shared, so never changed once made (`dataclasses.replace` makes a variant); not
+    frozen, because a frozen dataclass's ``__init__`` costs four times as much, on
+    the path of every submission with options.
+    """
 
     retries: int = 0
     backoff: Strategy = DEFAULT_BACKOFF
@@ -113,64 +114,97 @@ class Options:
 DEFAULT_OPTIONS = Options()
 
 
+def _retries(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"retries must be an int, not {value!r}")
+    if value < 0:
+        raise ValueError(f"retries must not be negative, not {value!r}")
+    return value
+
+
+def _backoff(value: Any) -> Strategy:
+    if value is None:
+        return DEFAULT_BACKOFF
+    if callable(value):
+        return value  # type: ignore[no-any-return]
+    return tenacity.wait_fixed(seconds(value, "backoff", allow_negative=False))
+
+
+def _strategy(option: str) -> Callable[[Any], Strategy | None]:
+    def check(value: Any) -> Strategy | None:
+        if value is not None and not callable(value):
+            raise TypeError(f"{option} must be a tenacity {option} strategy, not {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    return check
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    timeout = seconds(value, "timeout")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, not {value!r}")
+    return timeout
+
+
+def _context(value: Any) -> Context | None:
+    if value is not None and not isinstance(value, Context):
+        raise TypeError(f"context must be a marionette.Context, not {value!r}")
+    return value
+
+
+def _error(value: Any) -> BaseException | str | None:
+    if value is not None and not isinstance(value, (BaseException, str)):
+        raise TypeError(f"error must be an exception or a message, not {value!r}")
+    return value
+
+
+def _label(option: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{option} must be a non-empty str, not {value!r}")
+        return value
+
+    return check
+
+
+# One validator per option: each takes the value given and returns the one to keep.
+_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "retries": _retries,
+    "backoff": _backoff,
+    "retry": _strategy("retry"),
+    "stop": _strategy("stop"),
+    "timeout": _timeout,
+    "context": _context,
+    "error": _error,
+    "name": _label("name"),
+    "key": _label("key"),
+    "group": _label("group"),
+}
+
+
 def parse_options(opts: Mapping[str, Any]) -> tuple[Options, str | None]:
     """Validate the keyword options of a submission; return them and the `name`.
 
     Unknown names and values of the wrong type raise `TypeError`; out-of-range
     values raise `ValueError`. Each message names the option and the bad value.
+    None means the default for every option but `retries`.
     """
     if not opts:
         return DEFAULT_OPTIONS, None
-    unknown = opts.keys() - _OPTION_NAMES
-    if unknown:
-        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
-    retries = opts.get("retries", 0)
-    if not isinstance(retries, int) or isinstance(retries, bool):
-        raise TypeError(f"retries must be an int, not {retries!r}")
-    if retries < 0:
-        raise ValueError(f"retries must not be negative, not {retries!r}")
-    backoff = opts.get("backoff")
-    if backoff is None:
-        backoff = DEFAULT_BACKOFF
-    elif not callable(backoff):
-        backoff = tenacity.wait_fixed(seconds(backoff, "backoff", allow_negative=False))
-    timeout = opts.get("timeout")
-    if timeout is not None:
-        timeout = seconds(timeout, "timeout")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {opts['timeout']!r}")
-    context = opts.get("context")
-    if context is not None and not isinstance(context, Context):
-        raise TypeError(f"context must be a marionette.Context, not {context!r}")
-    error = opts.get("error")
-    if error is not None and not isinstance(error, (BaseException, str)):
-        raise TypeError(f"error must be an exception or a message, not {error!r}")
-    name = opts.get("name")
-    if name is not None and (not isinstance(name, str) or not name):
-        raise TypeError(f"name must be a non-empty str, not {name!r}")
-    key, group = opts.get("key"), opts.get("group")
-    for option, value in (("key", key), ("group", group)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise TypeError(f"{option} must be a non-empty str, not {value!r}")
-    retry, stop = opts.get("retry"), opts.get("stop")
-    for option, value in (("retry", retry), ("stop", stop)):
-        if value is not None and not callable(value):
-            raise TypeError(f"{option} must be a tenacity {option} strategy, not {value!r}")
-    return (
-        Options(
-            retries=retries,
-            backoff=backoff,
-            retry=DEFAULT_RETRY if retry is None else retry,
-            stop=stop,
-            timeout=timeout,
-            context=context,
-            error=error,
-            key=key,
-            group=group,
-            gated=key is not None or group is not None,
-        ),
-        name,
-    )
+    fields: dict[str, Any] = {}
+    for option, value in opts.items():
+        check = _VALIDATORS.get(option)
+        if check is None:
+            unknown = sorted(set(opts) - _VALIDATORS.keys())
+            raise TypeError(f"unknown task option(s): {', '.join(unknown)}")
+        fields[option] = check(value)
+    name = fields.pop("name", None)
+    if fields.get("retry", DEFAULT_RETRY) is None:
+        fields["retry"] = DEFAULT_RETRY
+    fields["gated"] = fields.get("key") is not None or fields.get("group") is not None
+    return Options(**fields), name
 
 
 # A stand-in for the Retrying object a RetryCallState normally belongs to; the

@@ -41,7 +41,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from . import _threads
@@ -853,10 +853,7 @@ class TaskManager:
         if plan is None:
             return
         due, wall = plan
-        if wall:
-            self._scheduler.schedule(datetime.fromtimestamp(due, UTC), periodic)
-        else:
-            self._scheduler.delay(due - time.monotonic(), periodic)
+        self._scheduler._push(periodic, due, wall)  # computed here: no second validation
 
     def _periodic_due(self, periodic: Periodic) -> None:
         """An occurrence came due (scheduler thread): a new run, or merge into one."""

@@ -13,12 +13,13 @@ breaks ties, so items are never compared. A dict maps each item to its live entr
 rebuilt in O(n) once the dead outnumber the live, which keeps the amortized cost of
 a cancel O(1) and memory bounded.
 
-Why not the alternatives (measured in bench/, 1,000,000 entries, this machine):
-`bisect.insort` on a list pays an O(n) memmove per insert (177-218 us per insert,
-163-171 us per cancel); `sortedcontainers.SortedList` keeps both O(log n) but runs
-them in Python (7.6-9.6 us per insert, 6.3-8.1 us per cancel); the heap pushes in C
-(0.65-0.82 us per insert) and the dict makes a cancel O(1) (1.2-1.6 us). See
-``bench/README.md``.
+Why not the alternatives (bench/, 1,000,000 entries, four runs on this machine):
+`bisect.insort` on a list pays an O(n) memmove per insert (177-263 us per insert,
+160-197 us per cancel); `sortedcontainers.SortedList` keeps both O(log n) but runs
+them in Python (7.3-9.6 us per insert, 6.3-8.4 us per cancel); the heap pushes in C
+(0.65-1.01 us per insert, tuple and dict insert included) and the dict makes a
+cancel O(1) (1.2-1.7 us). The heap pays in memory (161 B per entry against 106 B
+for SortedList). See ``bench/README.md``.
 
 Locking. `Scheduler._lock` guards the timeline (both heaps and the dict), the
 lifecycle state, the thread and the pass counter; the two Conditions share it.
