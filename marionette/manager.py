@@ -424,10 +424,18 @@ class TaskManager:
         """
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
-        handler = self._handler_for(task, opts)
+        fresh = not opts and type(task) is _FUNCTION
+        handler = (
+            TaskHandler(self, task, DEFAULT_OPTIONS, None)
+            if fresh
+            else self.wrap_task(task, **opts)
+        )
         waiting = False
         with self._lock:
-            if (early := self._claim_locked(handler)) is not None:
+            # A fresh handler on a running manager needs no admission: the hot path.
+            if (not fresh or self._state is not _Lifecycle.RUNNING) and (
+                early := self._claim_locked(handler)
+            ) is not None:
                 return early
             q = self._queue
             assert q is not None
@@ -449,7 +457,8 @@ class TaskManager:
         if waiting and not q.put_blocking(handler):
             with self._lock:  # the run ended while we waited: keep it for the next one
                 self._enqueue_locked(handler)
-        self._after_submit(handler)
+        if handler._opts.context is not None or self._events.wanted:
+            self._after_submit(handler)
         return handler
 
     def delay(self, delay: float, task: Any, **opts: Any) -> TaskHandler:
