@@ -83,6 +83,11 @@ _PENDING = TaskState.PENDING
 _SCHEDULED = TaskState.SCHEDULED
 _RUNNING = TaskState.RUNNING
 _Kind = TaskEventKind
+_SETTLED = {
+    TaskState.SUCCEEDED: _Kind.SUCCEEDED,
+    TaskState.FAILED: _Kind.FAILED,
+    TaskState.CANCELLED: _Kind.CANCELLED,
+}
 
 _FUNCTION = types.FunctionType
 #: The shortest `every` interval: below it the monotonic clock's float resolution
@@ -1114,23 +1119,12 @@ class TaskManager:
         return handler, ctx, value
 
     def _succeed_locked(self, handler: TaskHandler, ctx: Context, value: Any) -> _Extras | None:
-        """Settle a success (`_end_attempt_locked` and `_settle_locked`, inlined:
-        this is the hot path); returns what `_announce` needs once unlocked."""
+        """Settle a success (the attempt ended); returns what `_announce` needs once
+        the lock is released."""
         self._running.discard(handler)
         handler._ctx = None
-        handler._state = TaskState.SUCCEEDED
-        handler._value = value
         self._succeeded += 1
-        self._active -= 1
-        if self._active == 0 and self._joiners:
-            self._changed.notify_all()
-        opts = handler._opts
-        if opts.context is not None:
-            opts.context._forget(handler)
-        if opts.gated:
-            self._ungate_locked(handler, final=True)
-        if self._events.wanted:
-            self._emit_locked(_Kind.SUCCEEDED, handler, result=value)
+        self._settle_locked(handler, TaskState.SUCCEEDED, value)
         return handler._extras
 
     def _announce(self, handler: TaskHandler, ctx: Context, extras: _Extras | None) -> None:
@@ -1246,8 +1240,8 @@ class TaskManager:
             self._scheduler.cancel(ctx)
 
     def _settle_locked(self, handler: TaskHandler, state: TaskState, value: Any) -> None:
-        """Finish `handler` (failed or cancelled); the caller then fires
-        `handler._extras` once unlocked."""
+        """Finish `handler` (succeeded, failed or cancelled): the one place a handler
+        settles. The caller then fires `handler._extras` once unlocked."""
         was = handler._state
         handler._state = state
         handler._value = value
@@ -1265,8 +1259,13 @@ class TaskManager:
             else:
                 self._forget_waiting_locked(handler)
         if self._events.wanted:
-            kind = _Kind.CANCELLED if state is TaskState.CANCELLED else _Kind.FAILED
-            self._emit_locked(kind, handler, error=value)
+            failed = state is TaskState.FAILED
+            self._emit_locked(
+                _SETTLED[state],
+                handler,
+                error=value if failed else None,
+                result=value if state is TaskState.SUCCEEDED else None,
+            )
 
     def _forget_waiting_locked(self, handler: TaskHandler) -> None:
         """A gated task that was waiting to run (not running) was cancelled."""
