@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import WAIT
+from recorder import Recorder
 
 from marionette import (
     Context,
@@ -25,41 +26,6 @@ K = TaskEventKind
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Recorder:
-    """A structlog-style logger that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._bound: dict[str, Any] = {}
-
-    def bind(self, **values: Any) -> Recorder:
-        child = Recorder()
-        child.events, child._lock = self.events, self._lock
-        child._bound = {**self._bound, **values}
-        return child
-
-    def _log(self, level: str, event: str, **values: Any) -> None:
-        with self._lock:
-            self.events.append({"event": event, "level": level, **self._bound, **values})
-
-    def debug(self, event: str, **values: Any) -> None:
-        self._log("debug", event, **values)
-
-    def info(self, event: str, **values: Any) -> None:
-        self._log("info", event, **values)
-
-    def warning(self, event: str, **values: Any) -> None:
-        self._log("warning", event, **values)
-
-    def error(self, event: str, **values: Any) -> None:
-        self._log("error", event, **values)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e["event"] == event]
 
 
 class Collect:

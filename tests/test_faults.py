@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import WAIT
+from recorder import Recorder
 
 from marionette import (
     Cancelled,
@@ -45,56 +46,6 @@ INTERNAL_ERRORS = ("worker error", "scheduler out raised")
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Recorder:
-    """A structlog-style logger that keeps every event (thread-safe).
-
-    `cond` is notified on every event; tests may share it to wait for "this event
-    was logged, or that happened", whichever comes first.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.bound: dict[str, Any] = {}
-
-    def bind(self, **values: Any) -> Recorder:
-        child = Recorder()
-        child.events, child.cond, child.bound = self.events, self.cond, {**self.bound, **values}
-        return child
-
-    def _log(self, level: str, event: str, **values: Any) -> None:
-        with self.cond:
-            self.events.append({"event": event, "level": level, **self.bound, **values})
-            self.cond.notify_all()
-
-    def debug(self, event: str, **values: Any) -> None:
-        self._log("debug", event, **values)
-
-    def info(self, event: str, **values: Any) -> None:
-        self._log("info", event, **values)
-
-    def warning(self, event: str, **values: Any) -> None:
-        self._log("warning", event, **values)
-
-    def error(self, event: str, **values: Any) -> None:
-        self._log("error", event, **values)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e for e in self.events if e["event"] == event]
-
-    def note(self, values: list[str], value: str) -> None:
-        """Append `value` to `values` and wake whoever waits on `cond`."""
-        with self.cond:
-            values.append(value)
-            self.cond.notify_all()
-
-    def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (bounded by WAIT) until `predicate()`, checked on every notification."""
-        with self.cond:
-            self.cond.wait_for(predicate, WAIT)
 
 
 class Threads:

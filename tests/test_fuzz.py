@@ -28,6 +28,7 @@ from conftest import WAIT
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
+from recorder import Recorder as SharedRecorder
 
 from marionette import (
     Config,
@@ -212,29 +213,12 @@ def always_fail(ctx: Context) -> None:
     raise OSError("always")
 
 
-class Recorder:
-    """A structlog-style logger that keeps every event name (thread-safe).
-
-    `cond` is notified on every event, so a test can wait for "logged, or done".
-    """
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.cond = threading.Condition()
-
-    def bind(self, **values: Any) -> Recorder:
-        return self
-
-    def _log(self, event: str, **values: Any) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify_all()
-
-    debug = info = warning = error = _log
+class Recorder(SharedRecorder):
+    """The shared recording logger, plus the internal errors it saw."""
 
     def internal_errors(self) -> list[str]:
         with self.cond:
-            return [e for e in self.events if e in INTERNAL_ERRORS]
+            return [e["event"] for e in self.events if e["event"] in INTERNAL_ERRORS]
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import tenacity
 from conftest import WAIT
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from recorder import Recorder
 
 from marionette import (
     Cancelled,
@@ -38,51 +39,6 @@ Clock = freezegun.api.FrozenDateTimeFactory
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Recorder:
-    """A structlog-style logger that keeps every event and lets a test wait for one."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self._bound: dict[str, Any] = {}
-
-    def bind(self, **values: Any) -> Recorder:
-        child = Recorder()
-        child.events, child._cond = self.events, self._cond
-        child._bound = {**self._bound, **values}
-        return child
-
-    def _log(self, level: str, event: str, **values: Any) -> None:
-        with self._cond:
-            self.events.append({"event": event, "level": level, **self._bound, **values})
-            self._cond.notify_all()
-
-    def debug(self, event: str, **values: Any) -> None:
-        self._log("debug", event, **values)
-
-    def info(self, event: str, **values: Any) -> None:
-        self._log("info", event, **values)
-
-    def warning(self, event: str, **values: Any) -> None:
-        self._log("warning", event, **values)
-
-    def error(self, event: str, **values: Any) -> None:
-        self._log("error", event, **values)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [e for e in self.events if e["event"] == event]
-
-    def wait_for(self, event: str, count: int = 1) -> list[dict[str, Any]]:
-        """Wait (bounded by WAIT) until `event` was logged at least `count` times."""
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: sum(e["event"] == event for e in self.events) >= count, WAIT
-            )
-        assert ok, f"{event!r} was not logged {count} times: {self.named(event)}"
-        return self.named(event)
 
 
 class Blocker:
