@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import freezegun
 import freezegun.api
@@ -45,6 +46,24 @@ def tm() -> Iterator[TaskManager]:
     try:
         yield manager
     finally:
+        manager.stop(timeout=WAIT)
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., TaskManager]]:
+    """Make managers with Config overrides (started unless ``start=False``); every
+    one is stopped after the test."""
+    made: list[TaskManager] = []
+
+    def factory(start: bool = True, **overrides: Any) -> TaskManager:
+        manager = TaskManager(**overrides)
+        made.append(manager)
+        if start:
+            manager.start()
+        return manager
+
+    yield factory
+    for manager in made:
         manager.stop(timeout=WAIT)
 
 

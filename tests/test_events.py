@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import WAIT
-from recorder import Recorder
+from helpers import Recorder
 
 from marionette import (
     Context,

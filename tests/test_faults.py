@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import WAIT
-from recorder import Recorder
+from helpers import Recorder, Threads
 
 from marionette import (
     Cancelled,
@@ -46,33 +46,6 @@ INTERNAL_ERRORS = ("worker error", "scheduler out raised")
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-class Threads:
-    """Run functions in named threads; `join()` re-raises the first error they raised."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
-
-    def start(self, fn: Callable[[], object]) -> None:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"test-faults-{len(self.threads)}")
-        self.threads.append(thread)
-        thread.start()
-
-    def join(self, timeout: float = 6 * WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        assert [t.name for t in self.threads if t.is_alive()] == [], "a thread hung"
-        if self.errors:
-            raise self.errors[0]
 
 
 class Counter:

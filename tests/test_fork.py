@@ -133,23 +133,6 @@ def release() -> Iterator[threading.Event]:
     event.set()
 
 
-@pytest.fixture
-def make() -> Iterator[Callable[..., TaskManager]]:
-    """Make managers (started unless told otherwise); every one is stopped afterwards."""
-    made: list[TaskManager] = []
-
-    def factory(start: bool = True, **overrides: Any) -> TaskManager:
-        manager = TaskManager(**overrides)
-        made.append(manager)
-        if start:
-            manager.start()
-        return manager
-
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
-
-
 def fail_first(ctx: Context) -> int:
     if ctx.attempt == 1:
         raise OSError("the first attempt fails")

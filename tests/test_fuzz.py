@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import tenacity
 from conftest import WAIT
+from helpers import Recorder as SharedRecorder
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
-from recorder import Recorder as SharedRecorder
 
 from marionette import (
     Config,

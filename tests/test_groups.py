@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,22 +84,6 @@ def drain_queue(manager: TaskManager, n: int = 4) -> None:
     then been met by a worker (started, or held by its group)."""
     for probe in [manager.queue(lambda ctx: None) for _ in range(n)]:
         probe.result(WAIT)
-
-
-@pytest.fixture
-def make() -> Iterator[Callable[..., TaskManager]]:
-    """Make and start managers; every one is stopped afterwards."""
-    made: list[TaskManager] = []
-
-    def factory(**overrides: Any) -> TaskManager:
-        manager = TaskManager(**overrides)
-        made.append(manager)
-        manager.start()
-        return manager
-
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
 
 
 # -- configuration ---------------------------------------------------------------------

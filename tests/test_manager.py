@@ -16,9 +16,9 @@ import freezegun.api
 import pytest
 import tenacity
 from conftest import WAIT
+from helpers import Recorder
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from recorder import Recorder
 
 from marionette import (
     Cancelled,
@@ -129,22 +129,6 @@ def release() -> Iterator[threading.Event]:
     event = threading.Event()
     yield event
     event.set()
-
-
-@pytest.fixture
-def make() -> Iterator[Callable[..., TaskManager]]:
-    """Make and start managers with Config overrides; every one is stopped afterwards."""
-    made: list[TaskManager] = []
-
-    def factory(**overrides: Any) -> TaskManager:
-        manager = TaskManager(**overrides)
-        made.append(manager)
-        manager.start()
-        return manager
-
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
 
 
 @pytest.fixture

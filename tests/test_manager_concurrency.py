@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import WAIT
+from helpers import Threads
 
 from marionette import (
     Context,
@@ -48,32 +49,6 @@ class Tally:
             return key
 
         return run
-
-
-class Threads:
-    """Start functions in named threads; `join()` re-raises the first error in the test."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
-
-    def start(self, fn: Callable[[], object]) -> None:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, name=f"test-thread-{len(self.threads)}")
-        self.threads.append(thread)
-        thread.start()
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(LONG)
-        assert not [t.name for t in self.threads if t.is_alive()]
-        if self.errors:
-            raise self.errors[0]
 
 
 def test_many_producers_every_task_runs_and_settles_exactly_once() -> None:

@@ -1,8 +1,9 @@
-"""A structlog-style logger for tests: it keeps every event and lets a test wait."""
+"""Helpers shared by the tests: a recording logger, and threads that report errors."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,3 +67,31 @@ class Recorder:
         """Wait (bounded by WAIT) until `predicate()`, checked on every notification."""
         with self.cond:
             self.cond.wait_for(predicate, WAIT)
+
+
+class Threads:
+    """Run functions in named threads; `join()` re-raises the first error they raised."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, fn: Callable[[], object]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"test-thread-{len(self.threads)}")
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float = 6 * WAIT) -> None:
+        """Join them all within `timeout` (a hang guard); fail on a hung thread."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert [t.name for t in self.threads if t.is_alive()] == [], "a thread hung"
+        if self.errors:
+            raise self.errors[0]
