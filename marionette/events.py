@@ -91,9 +91,15 @@ class Dispatcher:
         # The delivery thread of the last stop, which may still be finishing its batch:
         # its successor waits for it, so that listeners are never called twice at once.
         self._previous: threading.Thread | None = None
+        # Every delivery thread not yet ended, the current one and those finishing
+        # after a stop: none of them may wait for another (they wait for each other).
+        self._alive: set[threading.Thread] = set()
         # Each delivery thread serves one generation; stopping starts the next, so
         # a thread that outlived a stop can never deliver beside its successor.
         self._generation = 0
+        # Events of a generation that a listener closed (a stop from a delivery
+        # thread cannot wait for them): that generation's thread delivers them last.
+        self._tails: dict[int, list[TaskEvent]] = {}
         self._delivering = False  # the thread is calling listeners outside the lock
         self._unbounded = False  # while the manager stops, nobody waits for room
 
@@ -137,7 +143,7 @@ class Dispatcher:
                 len(self._events) > BUFFER
                 and not self._unbounded
                 and self._thread is not None
-                and threading.current_thread() is not self._thread
+                and threading.current_thread() not in self._alive
             ):
                 self._room.wait()
 
@@ -152,15 +158,21 @@ class Dispatcher:
         self._thread = threading.Thread(
             target=self._run, args=(self._generation, self._previous), name=f"{self._name}-listener"
         )
+        self._alive.add(self._thread)
         return self._thread
 
     def fork_child_locked(self) -> None:
-        """In a child made by fork: no delivery thread exists; events stay buffered."""
+        """In a child made by fork: no delivery thread exists; events stay buffered,
+        those a closed generation's thread had yet to deliver first."""
         self._ready = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
-        self._thread = None
+        self._thread = self._previous = None
+        self._alive.clear()
         self._delivering = False
         self._generation += 1
+        for generation in sorted(self._tails, reverse=True):
+            self._events.extendleft(reversed(self._tails[generation]))
+        self._tails.clear()
 
     def unbound_locked(self) -> None:
         """Stop back pressure (the manager is stopping): release every waiter."""
@@ -170,16 +182,20 @@ class Dispatcher:
     def drain(self, deadline: float | None) -> None:
         """Wait until every buffered event was delivered, then stop the thread.
 
-        `deadline` is a `time.monotonic()` value or None. From the listener thread
-        itself, only ask it to stop after its current batch. Events left when the
-        deadline passes stay buffered for the next start.
+        `deadline` is a `time.monotonic()` value or None; events left when it passes
+        stay buffered for the next start. From a delivery thread (a listener that
+        stops the manager) nothing can wait: the thread is told to stop, and delivers
+        the rest of its batch and then every event buffered now before it ends.
         """
         with self._lock:
             thread = self._thread
             if thread is None:
                 return
-            inside = thread is threading.current_thread()
-            if not inside:
+            inside = threading.current_thread() in self._alive
+            if inside:
+                self._tails[self._generation] = list(self._events)
+                self._events.clear()
+            else:
                 while self._events or self._delivering:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -197,10 +213,14 @@ class Dispatcher:
             thread.join(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
 
     def _run(self, generation: int, previous: threading.Thread | None) -> None:
-        if previous is not None:
-            previous.join()  # it delivers the rest of its batch first, in order
-        with _threads.owned(self._owner):
-            self._deliver(generation)
+        try:
+            if previous is not None:
+                previous.join()  # it delivers the rest of its batch first, in order
+            with _threads.owned(self._owner):
+                self._deliver(generation)
+        finally:
+            with self._lock:
+                self._alive.discard(threading.current_thread())
 
     def _deliver(self, generation: int) -> None:
         lock = self._lock
@@ -211,22 +231,34 @@ class Dispatcher:
                 while not self._events and self._generation == generation:
                     self._ready.wait()
                 if self._generation != generation:
-                    return
+                    # Stopped: deliver what a listener's stop left to this thread, if
+                    # anything (a successor waits for this thread to end), and end.
+                    tail = self._tails.pop(generation, ())
+                    listeners = self._listeners
+                    break
                 batch = list(self._events)
                 self._events.clear()
                 listeners = self._listeners
                 self._delivering = True
                 self._room.notify_all()
-            for event in batch:
-                for fn, kinds in listeners:
-                    if event.kind in kinds:
-                        try:
-                            fn(event)
-                        except BaseException as exc:  # a listener that raises is kept
-                            self._log.error(
-                                "listener raised",
-                                listener=safe_repr(fn),
-                                kind=event.kind.value,
-                                task_id=event.task.id,
-                                error=describe(exc),
-                            )
+            self._call(batch, listeners)
+        self._call(tail, listeners)
+
+    def _call(
+        self,
+        events: Iterable[TaskEvent],
+        listeners: tuple[tuple[Listener, frozenset[TaskEventKind]], ...],
+    ) -> None:
+        for event in events:
+            for fn, kinds in listeners:
+                if event.kind in kinds:
+                    try:
+                        fn(event)
+                    except BaseException as exc:  # a listener that raises is kept
+                        self._log.error(
+                            "listener raised",
+                            listener=safe_repr(fn),
+                            kind=event.kind.value,
+                            task_id=event.task.id,
+                            error=describe(exc),
+                        )

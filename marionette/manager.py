@@ -741,7 +741,10 @@ class TaskManager:
         task to finish (the workers may be waiting for it). Returns a function that
         removes the listener (calling it twice is harmless). `stop()` delivers every
         event before it returns; submissions made meanwhile raise
-        `TaskManagerStopped`, as they do from anywhere once a stop has begun.
+        `TaskManagerStopped`, as they do from anywhere once a stop has begun. A
+        `stop()` called by a listener cannot wait for its own thread: that thread
+        delivers the rest of the stopped run's events once the listener returns,
+        before any listener sees an event of a later run.
         """
         if not callable(fn):
             raise TypeError(f"a listener must be callable, not {fn!r}")

@@ -40,6 +40,7 @@ from marionette import (
     TaskManagerStopped,
     TaskState,
 )
+from marionette.events import BUFFER
 
 #: Log events that only a bug in marionette itself produces.
 INTERNAL_ERRORS = ("worker error", "scheduler out raised")
@@ -1008,7 +1009,7 @@ def test_listeners_are_never_called_by_two_threads_after_a_stop_from_a_listener(
     for name in ("first", "stopper", "after"):
         assert manager.queue(fresh, name=name).result(WAIT) == "fresh"
     hold_first.set()
-    assert blocked.wait(WAIT)  # the stop() ran; the old thread is still in its batch
+    assert blocked.wait(WAIT)  # the stop() ran; the old thread delivers the rest of its run
 
     def restart_and_submit() -> None:
         manager.start()
@@ -1023,6 +1024,93 @@ def test_listeners_are_never_called_by_two_threads_after_a_stop_from_a_listener(
     threads.join()
     assert new_delivered.wait(WAIT)
     assert not overlapped.is_set()
+
+
+def test_a_stop_from_a_listener_still_delivers_every_event_of_the_run(
+    make: Callable[..., TaskManager],
+) -> None:
+    """Events buffered behind the listener that stops the manager are delivered (no
+    restart needed), in order, by the same thread."""
+    manager = make(workers=2)
+    entered, hold, seen_all = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[str, TaskEventKind]] = []
+    threads: set[threading.Thread] = set()
+
+    def listener(event: TaskEvent) -> None:
+        threads.add(threading.current_thread())
+        if not seen:
+            entered.set()
+            hold.wait(WAIT)  # the events of b and c pile up behind this batch
+            manager.stop()
+        seen.append((event.task.name, event.kind))
+        if len(seen) == 9:
+            seen_all.set()
+
+    manager.add_listener(listener)
+    handlers = [manager.queue(fresh, name="a")]
+    assert entered.wait(WAIT)
+    handlers += [manager.queue(fresh, name=name) for name in "bc"]
+    for handler in handlers:
+        assert handler.result(WAIT) == "fresh"
+    hold.set()
+    assert seen_all.wait(WAIT)
+    assert not manager.is_running()
+    assert len(threads) == 1
+    for name in "abc":
+        kinds = [kind for n, kind in seen if n == name]
+        assert kinds == [TaskEventKind.SUBMITTED, TaskEventKind.STARTED, TaskEventKind.SUCCEEDED]
+
+
+def test_a_listener_that_stops_restarts_and_stops_again_never_deadlocks(
+    make: Callable[..., TaskManager], rec: Recorder
+) -> None:
+    """The second stop() comes from the old delivery thread, which the new one waits for:
+    it must not wait for the new one in turn."""
+    manager = make(workers=2)
+    done, b_succeeded = threading.Event(), threading.Event()
+    b: list[TaskHandler] = []
+
+    def listener(event: TaskEvent) -> None:
+        if event.task.name == "a" and event.kind is TaskEventKind.SUCCEEDED:
+            manager.stop()
+            manager.start()
+            b.append(manager.queue(fresh, name="b"))
+            manager.stop()  # hung here: waited for the new thread, which joins this one
+            done.set()
+        elif event.task.name == "b" and event.kind is TaskEventKind.SUCCEEDED:
+            b_succeeded.set()
+
+    manager.add_listener(listener)
+    manager.queue(fresh, name="a")
+    assert done.wait(WAIT)
+    assert b_succeeded.wait(WAIT)  # b ran in the run between; its events arrive
+    assert b[0].result(WAIT) == "fresh"
+    manager.start()
+    assert_healthy(manager, rec, b)
+
+
+def test_an_old_delivery_thread_never_waits_for_room_in_the_buffer(
+    make: Callable[..., TaskManager], rec: Recorder
+) -> None:
+    """After a stop and start from a listener, the old thread submits more than the
+    buffer holds: it must not wait for the new thread to drain it (that one waits for
+    the old thread to end)."""
+    manager = make(workers=2)
+    done = threading.Event()
+    handlers: list[TaskHandler] = []
+
+    def listener(event: TaskEvent) -> None:
+        if event.task.name == "a" and event.kind is TaskEventKind.SUCCEEDED:
+            manager.stop()
+            manager.start()
+            handlers.extend(manager.queue(fresh) for _ in range(BUFFER + 100))
+            done.set()
+
+    manager.add_listener(listener)
+    manager.queue(fresh, name="a")
+    assert done.wait(WAIT)
+    assert all(h.result(WAIT) == "fresh" for h in handlers)
+    assert_healthy(manager, rec, handlers)
 
 
 # -- races -----------------------------------------------------------------------------

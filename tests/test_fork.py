@@ -283,6 +283,54 @@ def test_fork_keeps_gated_periodic_and_listener_work(
     assert stats_add_up(manager)
 
 
+def test_fork_while_a_listener_that_stopped_the_manager_blocks(
+    make: Callable[..., TaskManager], release: threading.Event
+) -> None:
+    """The events the stopping listener's thread had yet to deliver are delivered in the
+    child after its start(); the parent's thread delivers them here."""
+    manager = make(workers=2)
+    entered, hold, stopped = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[str, str, int]] = []
+    changed = threading.Condition()
+
+    def listener(event: TaskEvent) -> None:
+        if not entered.is_set():
+            entered.set()
+            hold.wait(WAIT)  # the events of b and c pile up behind this batch
+            manager.stop()
+            stopped.set()
+            release.wait(WAIT)  # the fork happens here, before the rest is delivered
+        with changed:
+            seen.append((event.task.name, event.kind.name, os.getpid()))
+            changed.notify_all()
+
+    def succeeded(pid: int) -> set[str]:
+        return {name for name, kind, p in seen if kind == "SUCCEEDED" and p == pid}
+
+    manager.add_listener(listener)
+    manager.queue(whoami, name="a")
+    assert entered.wait(WAIT)
+    for handler in [manager.queue(whoami, name=name) for name in "bc"]:
+        handler.result(WAIT)
+    hold.set()
+    assert stopped.wait(WAIT)
+
+    def check() -> list[list[str]]:
+        pid = os.getpid()
+        manager.start()
+        with changed:
+            assert changed.wait_for(lambda: {"b", "c"} <= succeeded(pid), WAIT)
+        manager.stop()
+        return [[name, kind] for name, kind, p in seen if p == pid and name in "bc"]
+
+    child = in_child(check)
+    for name in "bc":
+        assert [kind for n, kind in child if n == name] == ["SUBMITTED", "STARTED", "SUCCEEDED"]
+    release.set()
+    with changed:
+        assert changed.wait_for(lambda: {"b", "c"} <= succeeded(os.getpid()), WAIT)
+
+
 # -- where and when the fork happens ---------------------------------------------------
 
 
