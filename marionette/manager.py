@@ -26,10 +26,12 @@ kept tasks, the counters, the running set, the keys and groups, the periodics,
 the event buffer, and the state of every handler this manager made (handlers have
 no lock of their own). `_changed`, a Condition on it, signals lifecycle changes and
 idleness. `_lifecycle` serializes `start()` with the first phase of `stop()`. Lock
-order: `_lifecycle` -> `_lock` -> (scheduler lock | context lock); nothing is ever
-taken the other way. No user code (tasks, callbacks, loggers, listeners, context
-callbacks) runs under `_lock`, and contexts are cancelled only outside it, because
-a cancellation may run callbacks that take it.
+order: `_lifecycle` -> `_lock` -> context lock; nothing is ever taken the other
+way. The manager's scheduler runs on `_lock` too (one lock per submission, not
+two): under it, only the scheduler's ``*_locked`` methods may be called. No user
+code (tasks, callbacks, loggers, listeners, context callbacks) runs under `_lock`,
+and contexts are cancelled only outside it, because a cancellation may run
+callbacks that take it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import sys
 import threading
 import time
 import types
@@ -90,6 +93,8 @@ _SETTLED = {
 }
 
 _FUNCTION = types.FunctionType
+#: The largest finite float: numbers strictly inside +-_FINITE convert to finite floats.
+_FINITE = sys.float_info.max
 #: The shortest `every` interval: below it the monotonic clock's float resolution
 #: makes "the next point of the grid" meaningless.
 MIN_INTERVAL = 1e-6
@@ -165,8 +170,10 @@ class TaskManager:
         self._submitted = self._succeeded = self._failed = 0
         self._retried = self._cancelled = self._coalesced = 0
         self._events = Dispatcher(self, self._lock, self._log, "marionette")
+        # The scheduler shares the manager's lock (see scheduler.py): with it held,
+        # call only its *_locked methods.
         self._scheduler: Scheduler[TaskHandler | Context | Periodic] = Scheduler(
-            self._on_due, self._log
+            self._on_due, self._log, _lock=self._lock
         )
         _threads.forkable(self)
 
@@ -473,7 +480,11 @@ class TaskManager:
         non-number `TypeError`. Any finite delay is accepted. Never blocks. With
         ``key=``, returns the key's pending instance if there is one.
         """
-        wait = seconds(delay, "delay", error=Unschedulable)
+        kind = type(delay)
+        if (kind is float or kind is int) and -_FINITE < delay < _FINITE:
+            wait = float(delay)  # the hot path: seconds() would say the same
+        else:
+            wait = seconds(delay, "delay", error=Unschedulable)
         return self._submit_later(task, opts, wait, None)
 
     def schedule(self, at: datetime, task: Any, **opts: Any) -> TaskHandler:
@@ -490,9 +501,17 @@ class TaskManager:
     ) -> TaskHandler:
         """Submit to the scheduler: `wait` seconds from now, or at the wall-clock
         `timestamp` when one is given. The hot path of `delay` and `schedule`."""
-        handler = self._handler_for(task, opts)
+        fresh = not opts and type(task) is _FUNCTION
+        handler = (
+            TaskHandler(self, task, DEFAULT_OPTIONS, None)
+            if fresh
+            else self.wrap_task(task, **opts)
+        )
         with self._lock:
-            if (early := self._claim_locked(handler)) is not None:
+            # A fresh handler on a running manager needs no admission: the hot path.
+            if (not fresh or self._state is not _Lifecycle.RUNNING) and (
+                early := self._claim_locked(handler)
+            ) is not None:
                 return early
             # _count_locked, inlined: this is the hot path of delay and schedule.
             now = handler._submitted_at = time.monotonic()
@@ -506,21 +525,16 @@ class TaskManager:
                 self._emit_locked(_Kind.SUBMITTED, handler)
             # The handler's due time and the scheduler's entry share one float, and
             # the entry's tie-breaker is the handler's id: no extra objects per task.
+            # A handler is submitted once: it cannot be pending in the scheduler yet.
             if timestamp is None:
                 handler._due = deadline = now + wait
-                self._scheduler._push(handler, deadline, False, handler.id)
+                self._scheduler._add_locked(handler, deadline, False, handler.id)
             else:
                 handler._due = now + (timestamp - time.time())
-                self._scheduler._push(handler, timestamp, True, handler.id)
+                self._scheduler._add_locked(handler, timestamp, True, handler.id)
         if handler._opts.context is not None or self._events.wanted:
             self._after_submit(handler)
         return handler
-
-    def _handler_for(self, task: Any, opts: dict[str, Any]) -> TaskHandler:
-        """The handler a submission runs: a new one, or the handler given."""
-        if opts or type(task) is not _FUNCTION:
-            return self.wrap_task(task, **opts)
-        return TaskHandler(self, task, DEFAULT_OPTIONS, None)  # the hot path
 
     def _claim_locked(self, handler: TaskHandler) -> TaskHandler | None:
         """Admit a submission: raise if it may not be made; return the handler the
@@ -634,9 +648,9 @@ class TaskManager:
         if not isinstance(task, (str, TaskHandler)):
             raise TypeError(f"task must be a key or a TaskHandler, not {task!r}")
         if isinstance(when, datetime):
-            aware(when, "when")
+            wall, at = True, aware(when, "when").timestamp()
         else:
-            seconds(when, "when", error=Unschedulable)
+            wall, wait = False, seconds(when, "when", error=Unschedulable)
         with self._lock:
             target: TaskHandler | Periodic | None = None
             if isinstance(task, TaskHandler):
@@ -652,12 +666,11 @@ class TaskManager:
                     target = slot.periodic
             if target is None:
                 return False
-            moved = self._scheduler.reschedule(target, when, only_sooner=only_sooner)
+            now = time.monotonic()
+            deadline = at if wall else now + wait
+            moved = self._scheduler._reschedule_locked(target, deadline, wall, only_sooner)
             if moved and isinstance(target, TaskHandler):
-                if isinstance(when, datetime):
-                    target._due = time.monotonic() + (when.timestamp() - time.time())
-                else:
-                    target._due = time.monotonic() + seconds(when, "when")
+                target._due = now + (at - time.time()) if wall else deadline
             return moved
 
     def pending(self) -> list[TaskHandler]:
@@ -674,7 +687,7 @@ class TaskManager:
                 if handler._state is _PENDING and handler not in seen:
                     seen.add(handler)
                     out.append(handler)
-            for item in self._scheduler.items():
+            for item in self._scheduler._items_locked():
                 if isinstance(item, TaskHandler) and item._state is _SCHEDULED:
                     out.append(item)
             return out
@@ -870,7 +883,7 @@ class TaskManager:
         if plan is None:
             return
         due, wall = plan
-        self._scheduler._push(periodic, due, wall)  # computed here: no second validation
+        self._scheduler._push_locked(periodic, due, wall)
 
     def _periodic_due(self, periodic: Periodic) -> None:
         """An occurrence came due (scheduler thread): a new run, or merge into one."""
@@ -900,7 +913,7 @@ class TaskManager:
             if state is _PeriodicState.PAUSED and periodic._state is not _PeriodicState.ACTIVE:
                 return
             periodic._state = state
-            self._scheduler.cancel(periodic)
+            self._scheduler._cancel_locked(periodic)
             slot = periodic._slot
             waiting = slot.pending
             if state is _PeriodicState.CANCELLED:
@@ -1042,7 +1055,7 @@ class TaskManager:
         handler._state = _RUNNING
         self._running.add(handler)
         if ctx._deadline is not None:
-            self._scheduler.delay(ctx._deadline - time.monotonic(), ctx)
+            self._scheduler._push_locked(ctx, ctx._deadline, False)
         if self._events.wanted:
             self._emit_locked(_Kind.STARTED, handler)
         return ctx
@@ -1184,10 +1197,10 @@ class TaskManager:
                 self._settle_locked(handler, TaskState.CANCELLED, None)
             elif delay is not None:
                 handler._state = _SCHEDULED
-                handler._due = time.monotonic() + delay
+                handler._due = due = time.monotonic() + delay
                 self._retried += 1
                 self._scheduled += 1
-                self._scheduler.delay(delay, handler)
+                self._scheduler._push_locked(handler, due, False)
                 if opts.gated:
                     self._ungate_locked(handler, final=False)
                 if self._events.wanted:
@@ -1240,7 +1253,7 @@ class TaskManager:
         self._running.discard(handler)
         handler._ctx = None
         if ctx._deadline is not None:
-            self._scheduler.cancel(ctx)
+            self._scheduler._cancel_locked(ctx)
 
     def _settle_locked(self, handler: TaskHandler, state: TaskState, value: Any) -> None:
         """Finish `handler` (succeeded, failed or cancelled): the one place a handler
@@ -1291,7 +1304,7 @@ class TaskManager:
                 ctx = handler._ctx
             elif state is _PENDING or state is _SCHEDULED:
                 if state is _SCHEDULED:
-                    self._scheduler.cancel(handler)
+                    self._scheduler._cancel_locked(handler)
                     if handler._submitted_at is not None:
                         self._scheduled -= 1
                 if handler._submitted_at is not None:

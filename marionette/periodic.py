@@ -258,6 +258,6 @@ class Periodic:
         return grid + random.uniform(0.0, self._jitter) if self._jitter else grid
 
     def __repr__(self) -> str:
-        when = self.next_run
+        when = self._owner._scheduler._peek(self)  # no lock: a repr may be made under it
         planned = when.isoformat() if when else "-"
         return f"<Periodic {self.name} {self._state.value} next={planned} runs={self._runs}>"

@@ -24,8 +24,10 @@ for SortedList). See ``bench/README.md``.
 Locking. `Scheduler._lock` guards the timeline (both heaps and the dict), the
 lifecycle state, the thread and the pass counter; the two Conditions share it.
 `out` is always called with no lock held, from the scheduler thread only. Callers
-may hold their own lock while calling into the scheduler (the manager does), never
-the other way round.
+may hold their own lock while calling into the scheduler, never the other way
+round. A `TaskManager` instead gives its scheduler its own lock (``_lock=``): a
+submission then takes one lock, not two (a tenth of a `delay()`), the manager calls
+the ``*_locked`` methods with it held, and the manager's fork hooks hold it.
 """
 
 from __future__ import annotations
@@ -88,10 +90,15 @@ class _Timeline:
         caller passes one drawn from it earlier (an item's id).
         """
         moved = item in self._entries
-        entry = (deadline, next_sequence() if seq is None else seq, item, wall)
-        self._entries[item] = entry
+        first = self.add(item, deadline, wall, next_sequence() if seq is None else seq)
         if moved:  # its old entry stays in a heap, dead (a compaction now drops it)
             self._bury()
+        return first
+
+    def add(self, item: Any, deadline: float, wall: bool, seq: int) -> bool:
+        """`push` for an item known not to be pending: no check for a move."""
+        entry = (deadline, seq, item, wall)
+        self._entries[item] = entry
         heap = self._wall if wall else self._mono
         heapq.heappush(heap, entry)
         return heap[0] is entry
@@ -194,7 +201,12 @@ class Scheduler(Generic[T]):
     """
 
     def __init__(
-        self, out: Callable[[T], object], logger: Any = None, *, name: str = "marionette-scheduler"
+        self,
+        out: Callable[[T], object],
+        logger: Any = None,
+        *,
+        name: str = "marionette-scheduler",
+        _lock: threading.Lock | None = None,
     ) -> None:
         if not callable(out):
             raise TypeError(f"out must be callable, not {out!r}")
@@ -203,7 +215,9 @@ class Scheduler(Generic[T]):
         self._name = name
         # Guards _timeline, _state, _thread and _passes. _wakeup wakes the thread;
         # _passed wakes callers of wake() waiting for the thread to finish a pass.
-        self._lock = threading.Lock()
+        # An owner's lock (see the module docstring) is held around fork by its owner.
+        self._shared = _lock is not None
+        self._lock = threading.Lock() if _lock is None else _lock
         self._wakeup = threading.Condition(self._lock)
         self._passed = threading.Condition(self._lock)
         self._timeline = _Timeline()
@@ -221,10 +235,12 @@ class Scheduler(Generic[T]):
     _fork_rank = 1
 
     def _fork_prepare(self) -> None:
-        self._lock.acquire()
+        if not self._shared:
+            self._lock.acquire()
 
     def _fork_parent(self) -> None:
-        self._lock.release()
+        if not self._shared:
+            self._lock.release()
 
     def _fork_child(self) -> None:
         # Items the thread had taken out but not yet handed over are due here too,
@@ -239,7 +255,8 @@ class Scheduler(Generic[T]):
         # Waiters of the parent's threads would swallow notifications here.
         self._wakeup = threading.Condition(self._lock)
         self._passed = threading.Condition(self._lock)
-        self._lock.release()
+        if not self._shared:
+            self._lock.release()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -311,33 +328,51 @@ class Scheduler(Generic[T]):
         else:
             deadline, wall = time.monotonic() + seconds(when, "when", error=Unschedulable), False
         with self._lock:
-            current = self._timeline.get(item)
-            if current is None:
+            return self._reschedule_locked(item, deadline, wall, only_sooner)
+
+    def _reschedule_locked(self, item: T, deadline: float, wall: bool, only_sooner: bool) -> bool:
+        current = self._timeline.get(item)
+        if current is None:
+            return False
+        if only_sooner:
+            offset = time.monotonic() - time.time()
+            new = deadline + offset if wall else deadline
+            old = current[0] + offset if current[1] else current[0]
+            if new >= old:
                 return False
-            if only_sooner:
-                offset = time.monotonic() - time.time()
-                new = deadline + offset if wall else deadline
-                old = current[0] + offset if current[1] else current[0]
-                if new >= old:
-                    return False
-            if self._timeline.push(item, deadline, wall):
-                self._wakeup.notify()
-            return True
+        self._push_locked(item, deadline, wall)
+        return True
 
     def items(self) -> list[T]:
         """A snapshot of the pending items, in due order. O(n log n)."""
         with self._lock:
-            return [item for _, item in self._timeline.ordered(time.monotonic(), time.time())]
+            return self._items_locked()
 
-    def _push(self, item: T, deadline: float, wall: bool, seq: int | None = None) -> None:
+    def _items_locked(self) -> list[T]:
+        return [item for _, item in self._timeline.ordered(time.monotonic(), time.time())]
+
+    def _push(self, item: T, deadline: float, wall: bool) -> None:
         with self._lock:
-            if self._timeline.push(item, deadline, wall, seq):
-                self._wakeup.notify()
+            self._push_locked(item, deadline, wall)
+
+    def _push_locked(self, item: T, deadline: float, wall: bool) -> None:
+        """Add or move `item`: `deadline` is monotonic, or a timestamp if `wall`."""
+        if self._timeline.push(item, deadline, wall):
+            self._wakeup.notify()
+
+    def _add_locked(self, item: T, deadline: float, wall: bool, seq: int) -> None:
+        """`_push_locked` for an item known not to be pending (a task's first
+        submission), with its own `seq` (the task's id)."""
+        if self._timeline.add(item, deadline, wall, seq):
+            self._wakeup.notify()
 
     def cancel(self, item: T) -> bool:
         """Remove a pending `item`; False if it was not pending (or already handed out)."""
         with self._lock:
             return self._timeline.remove(item)
+
+    def _cancel_locked(self, item: T) -> bool:
+        return self._timeline.remove(item)
 
     def wake(self) -> None:
         """Re-read the clock now, and return once every item due now was handed out.
@@ -369,7 +404,12 @@ class Scheduler(Generic[T]):
     def due(self, item: T) -> datetime | None:
         """The aware UTC time at which `item` is due, or None if it is not pending."""
         with self._lock:
-            found = self._timeline.get(item)
+            return self._peek(item)
+
+    def _peek(self, item: T) -> datetime | None:
+        """`due` without the lock, for a repr (which may be made with the lock held):
+        one dict read, atomic in CPython."""
+        found = self._timeline.get(item)
         if found is None:
             return None
         deadline, wall = found

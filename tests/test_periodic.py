@@ -230,6 +230,24 @@ def test_next_cron_walks_through_berlin_autumn_day_without_repeats() -> None:
 # -- every: validation ----------------------------------------------------------------
 
 
+def test_repr_shows_the_next_run_without_taking_the_managers_lock(tm: TaskManager) -> None:
+    """The scheduler shares the manager's lock: a repr made under it must not wait."""
+    periodic = tm.every(3600, lambda ctx: None, name="hourly")
+    acquired = tm._lock.acquire(timeout=WAIT)
+    assert acquired
+    try:  # as an error message or a log line built under the lock would
+        text = repr(periodic)
+    finally:
+        tm._lock.release()
+    next_run = periodic.next_run
+    assert next_run is not None
+    shown = datetime.fromisoformat(text.split("next=")[1].split()[0])
+    assert abs(shown - next_run) < timedelta(seconds=1)
+    assert text.startswith("<Periodic hourly active next=")
+    periodic.cancel()
+    assert "next=- " in repr(periodic)
+
+
 @pytest.mark.parametrize("interval", [0, -1, 0.0, timedelta(0), timedelta(seconds=-5)])
 def test_every_rejects_a_non_positive_interval(tm: TaskManager, interval: Any) -> None:
     """interval <= 0 raises ValueError."""
