@@ -350,11 +350,12 @@ class TaskManager:
             if q is not None:
                 # Queued tasks, then those whose submitters were blocked on the full
                 # queue (those threads do not exist here).
-                waiting = [*q.queue, *q.blocked]
+                waiting = [*q.queue, *(waiter.item for waiter in q.blocked)]
                 leftover = [h for h in waiting if h is not None and h._state is _PENDING]
                 q.closed = True  # a worker that forked leaves this queue on a stop signal
                 q.queue.clear()
                 q.queue.extend([None] * len(self._threads))
+                q.blocked.clear()
                 self._kept.extendleft(reversed(leftover))
             for handler in list(self._running):
                 ctx = handler._ctx
@@ -428,8 +429,10 @@ class TaskManager:
     def queue(self, task: Any, *, block: bool = True, **opts: Any) -> TaskHandler:
         """Run `task` as soon as a worker is free; returns its handler.
 
-        Blocks while the queue is full (back pressure); with ``block=False`` raises
-        `QueueFull` instead. From inside a task or a listener it never blocks: the
+        Blocks while the queue is full (back pressure), or while other producers
+        wait for room before it (first come, first served, whatever the manager's
+        own threads put meanwhile); with ``block=False`` raises `QueueFull`
+        instead. From inside a task or a listener it never blocks: the
         manager's own threads pass the bound (``block=False`` still raises there).
         Raises `TaskManagerStopped` unless running. With ``key=``, returns the
         key's pending instance if there is one.
@@ -451,8 +454,8 @@ class TaskManager:
                 return early
             q = self._queue
             assert q is not None
-            if len(q.queue) < q.maxsize or (block and _get_ident() in owners):
-                q.force_locked(handler)
+            if (len(q.queue) < q.maxsize and not q.blocked) or (block and _get_ident() in owners):
+                q.force_locked(handler)  # has_room_locked(), inlined
             elif not block:
                 self._unclaim_key_locked(handler)
                 raise QueueFull(f"the task queue is full ({q.maxsize} tasks)")

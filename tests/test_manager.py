@@ -33,6 +33,7 @@ from marionette import (
     TaskManagerStopped,
     TaskState,
     Unschedulable,
+    _queue,
 )
 
 Clock = freezegun.api.FrozenDateTimeFactory
@@ -1651,6 +1652,119 @@ def test_external_producers_and_inner_submissions_share_a_full_queue(
         producer.outcome()
     assert manager.join(WAIT)
     assert count[0] == 3 * 50 * 6
+
+
+def test_a_blocked_producer_gets_room_while_inner_submissions_keep_the_queue_busy(
+    make: Callable[..., TaskManager],
+) -> None:
+    """Tasks that resubmit themselves keep the queue between 3 and 5 of 4 forever; an
+    external producer blocked on it must still be woken (it waited for an empty or
+    half-empty queue, which never came)."""
+    manager = make(workers=2, queue_size=4)
+    stop = threading.Event()
+    cycles = [0]
+
+    def chain(ctx: Context) -> None:
+        cycles[0] += 1  # a lost update now and then is harmless: a progress hint only
+        if not stop.is_set():
+            manager.queue(chain)  # from inside a task: passes the bound
+
+    def one(ctx: Context) -> int:
+        return 1
+
+    for _ in range(6):  # 2 running, 4 queued: the queue is full
+        manager.queue(chain)
+    producer = Runner(lambda: [manager.queue(one).result(WAIT) for _ in range(100)])
+    producer.start()
+    try:
+        assert producer.outcome() == [1] * 100  # 100 puts into a queue that never empties
+        assert cycles[0] > 0
+    finally:
+        stop.set()
+    assert manager.join(WAIT)
+
+
+class _Noticed(_queue._Blocked):
+    """A blocked producer's record that tells the test it was made (the producer
+    then waits, under the lock the test takes next)."""
+
+    made = threading.Semaphore(0)
+
+    def __init__(self, item: TaskHandler, lock: threading.Lock) -> None:
+        super().__init__(item, lock)
+        _Noticed.made.release()
+
+
+@pytest.fixture
+def noticed(monkeypatch: pytest.MonkeyPatch) -> type[_Noticed]:
+    monkeypatch.setattr(_Noticed, "made", threading.Semaphore(0))
+    monkeypatch.setattr(_queue, "_Blocked", _Noticed)
+    return _Noticed
+
+
+def test_blocked_producers_are_served_first_come_first_served(
+    make: Callable[..., TaskManager], noticed: type[_Noticed]
+) -> None:
+    manager = make(workers=1, queue_size=1)
+    release, started = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def hold(ctx: Context) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    def record(name: str) -> Callable[[Context], None]:
+        return lambda ctx: order.append(name)
+
+    manager.queue(hold)
+    assert started.wait(WAIT)
+    manager.queue(record("queued"))  # the queue is full now
+    producers = []
+    for name in ("p1", "p2", "p3"):
+        producers.append(Runner(lambda name=name: manager.queue(record(name))))
+        producers[-1].start()
+        assert noticed.made.acquire(timeout=WAIT)  # it is about to wait
+        with manager._lock:  # and now it waits
+            pass
+    release.set()
+    for producer in producers:
+        producer.outcome()
+    assert manager.join(WAIT)
+    assert order == ["queued", "p1", "p2", "p3"]
+
+
+def test_a_producer_interrupted_while_blocked_still_submits_its_task(
+    make: Callable[..., TaskManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while queue() waits for room: the task was counted, so it must still run
+    (join() would wait for it for ever otherwise)."""
+
+    class Interrupted(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            raise KeyboardInterrupt
+
+    class Blocked(_queue._Blocked):
+        def __init__(self, item: TaskHandler, lock: threading.Lock) -> None:
+            super().__init__(item, lock)
+            self.ready = Interrupted(lock)
+
+    monkeypatch.setattr(_queue, "_Blocked", Blocked)
+    manager = make(workers=1, queue_size=1)
+    release, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def hold(ctx: Context) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    manager.queue(hold)
+    assert started.wait(WAIT)
+    manager.queue(lambda ctx: ran.append("queued"))
+    with pytest.raises(KeyboardInterrupt):
+        manager.queue(lambda ctx: ran.append("interrupted"))
+    release.set()
+    assert manager.join(WAIT)
+    assert ran == ["queued", "interrupted"]
 
 
 def test_scheduler_and_config_properties() -> None:
