@@ -432,10 +432,11 @@ class TaskManager:
         Blocks while the queue is full (back pressure), or while other producers
         wait for room before it (first come, first served, whatever the manager's
         own threads put meanwhile); with ``block=False`` raises `QueueFull`
-        instead. From inside a task or a listener it never blocks: the
-        manager's own threads pass the bound (``block=False`` still raises there).
-        Raises `TaskManagerStopped` unless running. With ``key=``, returns the
-        key's pending instance if there is one.
+        instead. An exception that interrupts the wait (Ctrl-C) propagates, and
+        the task, already submitted, still runs. From inside a task or a
+        listener it never blocks: the manager's own threads pass the bound
+        (``block=False`` still raises there). Raises `TaskManagerStopped` unless
+        running. With ``key=``, returns the key's pending instance if there is one.
         """
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
