@@ -40,10 +40,10 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
     room a blocked producer waits for. That happens in batches, not at every take:
     once the queue is empty, or half empty while every worker is busy, or, whatever
     the queue holds (the manager's own puts can keep it full for ever), after a
-    queue's worth of takes. The woken producer then refills
-    in a batch instead of one hand-off per task, and does not fight for the GIL
-    with a worker that drains the queue while others idle (waking it at empty rather
-    than at half gave 10% more no-op throughput at the default bound here).
+    queue's worth of takes. The woken producer then refills in a batch instead of
+    one hand-off per task, and does not fight for the GIL with a worker that drains
+    the queue while others idle (waking it at empty rather than at half gave 10%
+    more no-op throughput at the default bound here).
     """
 
     def __init__(self, maxsize: int, lock: threading.Lock) -> None:
