@@ -369,7 +369,7 @@ class Scheduler(Generic[T]):
     def cancel(self, item: T) -> bool:
         """Remove a pending `item`; False if it was not pending (or already handed out)."""
         with self._lock:
-            return self._timeline.remove(item)
+            return self._cancel_locked(item)
 
     def _cancel_locked(self, item: T) -> bool:
         return self._timeline.remove(item)
