@@ -51,6 +51,7 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+_PENDING = TaskState.PENDING  # a global: an enum attribute lookup costs ~100 ns
 _FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
 
@@ -304,7 +305,7 @@ class TaskHandler:
         self._fn = fn
         self._opts = opts
         self._name = name
-        self._state = TaskState.PENDING
+        self._state = _PENDING
         self._attempts = 0
         self._value: Any = None
         self._ctx: Context | None = None

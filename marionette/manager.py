@@ -114,6 +114,12 @@ class _Lifecycle(enum.Enum):
     STOPPING = "stopping"
 
 
+# Module constants for enum members read on hot paths: an enum class attribute
+# lookup costs about 100 ns in CPython 3.11, a global a tenth of that.
+_LIVE = _Lifecycle.RUNNING
+_SUCCEEDED = TaskState.SUCCEEDED
+
+
 def _callable_of(task: object) -> Callable[[Context], Any]:
     """What a worker calls: `task.do` for a `Task` object, else the callable itself."""
     if type(task) is _FUNCTION or type(task) is types.MethodType:
@@ -449,7 +455,7 @@ class TaskManager:
         waiting = False
         with self._lock:
             # A fresh handler on a running manager needs no admission: the hot path.
-            if (not fresh or self._state is not _Lifecycle.RUNNING) and (
+            if (not fresh or self._state is not _LIVE) and (
                 early := self._claim_locked(handler)
             ) is not None:
                 return early
@@ -513,7 +519,7 @@ class TaskManager:
         )
         with self._lock:
             # A fresh handler on a running manager needs no admission: the hot path.
-            if (not fresh or self._state is not _Lifecycle.RUNNING) and (
+            if (not fresh or self._state is not _LIVE) and (
                 early := self._claim_locked(handler)
             ) is not None:
                 return early
@@ -544,7 +550,7 @@ class TaskManager:
         """Admit a submission: raise if it may not be made; return the handler the
         caller must return at once (its key's pending instance, or a handler
         cancelled before its submission), or None to go on and count it."""
-        if self._state is not _Lifecycle.RUNNING or handler._submitted_at is not None:
+        if self._state is not _LIVE or handler._submitted_at is not None:
             self._admit_locked(handler)
         if handler._opts.key is not None:
             return self._claim_key_locked(handler)
@@ -1144,7 +1150,7 @@ class TaskManager:
         self._running.discard(handler)
         handler._ctx = None
         self._succeeded += 1
-        self._settle_locked(handler, TaskState.SUCCEEDED, value)
+        self._settle_locked(handler, _SUCCEEDED, value)
         return handler._extras
 
     def _announce(self, handler: TaskHandler, ctx: Context, extras: _Extras | None) -> None:
