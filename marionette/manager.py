@@ -988,13 +988,17 @@ class TaskManager:
         (one lock round trip per task instead of two) unless the queue is empty:
         then it is settled, and its waiters woken, before this worker waits.
         """
-        lock, begin, run, events = self._lock, self._begin_locked, self._run, self._events
+        acquire, release = self._lock.acquire, self._lock.release
+        begin, run, events = self._begin_locked, self._run, self._events
         items = q.queue
         done: _Success | None = None
         while True:
             handler: TaskHandler | None = None
             ctx: Context | None = None
-            with lock:
+            # Not `with`: acquire() and release() cost 40% less, and no KeyboardInterrupt
+            # can land between acquire() and `try` here: signals go to the main thread.
+            acquire()
+            try:
                 if done is not None:
                     extras = self._succeed_locked(*done)
                 take = done is None or bool(items)
@@ -1002,6 +1006,8 @@ class TaskManager:
                     handler = q.take_locked()
                     if handler is not None:
                         ctx = begin(handler)
+            finally:
+                release()
             if done is not None:
                 self._announce(done[0], done[1], extras)
                 done = None
