@@ -462,7 +462,11 @@ class TaskManager:
             q = self._queue
             assert q is not None
             if (len(q.queue) < q.maxsize and not q.blocked) or (block and _get_ident() in owners):
-                q.force_locked(handler)  # has_room_locked(), inlined
+                # has_room_locked() and force_locked(), inlined: the hot path
+                q.queue.append(handler)
+                if q._takers > q._waking == 0:
+                    q._waking = 1
+                    q.not_empty.notify()
             elif not block:
                 self._unclaim_key_locked(handler)
                 raise QueueFull(f"the task queue is full ({q.maxsize} tasks)")
@@ -990,7 +994,7 @@ class TaskManager:
         """
         acquire, release = self._lock.acquire, self._lock.release
         begin, run, events = self._begin_locked, self._run, self._events
-        items = q.queue
+        items, debug = q.queue, self._log.enabled
         done: _Success | None = None
         while True:
             handler: TaskHandler | None = None
@@ -1009,7 +1013,9 @@ class TaskManager:
             finally:
                 release()
             if done is not None:
-                self._announce(done[0], done[1], extras)
+                # Skip the call when there is nothing to announce: the common case.
+                if extras is not None or done[1]._parent is not None or debug(DEBUG):
+                    self._announce(done[0], done[1], extras)
                 done = None
                 if events.wanted and events.over():
                     events.wait_for_room()
