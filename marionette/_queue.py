@@ -60,7 +60,10 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
         self.blocked: collections.deque[_Blocked] = collections.deque()
 
     def force_locked(self, item: TaskHandler | None) -> None:
-        """Put, even past the bound: for the manager's own threads and stop signals."""
+        """Put, even past the bound: for the manager's own threads and stop signals.
+
+        `TaskManager.queue` inlines this (and `has_room_locked`): keep them in step.
+        """
         self.queue.append(item)
         if self._takers > self._waking == 0:
             self._waking = 1
