@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psutil
-from common import percentile, thread_switches
+from common import percentile, process_switches, rate_result, thread_switches
 
 Result = dict[str, Any]
 
@@ -322,8 +322,7 @@ def groups(
     submit = tm.queue
     task = _noop_ctx
     gc.collect()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    switches = usage.ru_nvcsw + usage.ru_nivcsw
+    switches = process_switches()
     start = time.perf_counter()
     last = None
     if opts:
@@ -334,15 +333,8 @@ def groups(
             last = submit(task)
     finished = tm.join(timeout=600)
     elapsed = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    switches = usage.ru_nvcsw + usage.ru_nivcsw - switches
+    switches = process_switches() - switches
     stats = tm.stats()
     completed = stats.succeeded if finished and last is not None and last.done() else -1
     tm.stop()
-    return {
-        "rate": n / elapsed,
-        "seconds": elapsed,
-        "switches_per_task": switches / n,
-        "completed": completed,
-        "n": n,
-    }
+    return rate_result(n, elapsed, switches, completed)

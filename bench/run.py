@@ -193,24 +193,26 @@ def throughput_cases(o: Options) -> list[Case]:
     ]
 
 
-def throughput_report(cases: list[Case], r: Results, o: Options) -> Report:
-    rows = []
-    for c in cases:
-        rows.append(
-            [
-                c.label,
-                fmt_int(median(r, c.key, "rate")),
-                fmt_ratio(ratio(r, c.key, "tpe", "rate")),
-                fmt_ratio(ratio(r, c.key, "aps", "rate")),
-                fmt_num(median(r, c.key, "switches_per_task")),
-                f"{len(values(r, c.key, 'rate'))}",
-            ]
-        )
+def rate_table(
+    cases: list[Case], r: Results, first: str, against: Sequence[tuple[str, str]]
+) -> list[str]:
+    """The table of a no-op throughput benchmark: median tasks/s, the ratio to each
+    case `against` names (key, header), context switches per task, rounds; then a
+    warning for any case that did not see every task complete."""
+    rows = [
+        [
+            c.label,
+            fmt_int(median(r, c.key, "rate")),
+            *(fmt_ratio(ratio(r, c.key, key, "rate")) for key, _ in against),
+            fmt_num(median(r, c.key, "switches_per_task")),
+            f"{len(values(r, c.key, 'rate'))}",
+        ]
+        for c in cases
+    ]
     headers = [
-        "system",
+        first,
         "tasks/s (median)",
-        "vs ThreadPoolExecutor",
-        "vs APScheduler",
+        *(header for _, header in against),
         "context switches per task",
         "rounds",
     ]
@@ -222,6 +224,12 @@ def throughput_report(cases: list[Case], r: Results, o: Options) -> Report:
     ]
     if incomplete:
         lines.append(f"\nWARNING: not every task completed for: {', '.join(incomplete)}")
+    return lines
+
+
+def throughput_report(cases: list[Case], r: Results, o: Options) -> Report:
+    against = [("tpe", "vs ThreadPoolExecutor"), ("aps", "vs APScheduler")]
+    lines = rate_table(cases, r, "system", against)
     targets = []
     for key, what in (
         ("m64", "default queue_size=64"),
@@ -649,37 +657,8 @@ def groups_cases(o: Options) -> list[Case]:
 
 
 def groups_report(cases: list[Case], r: Results, o: Options) -> Report:
-    rows = []
-    for c in cases:
-        rows.append(
-            [
-                c.label,
-                fmt_int(median(r, c.key, "rate")),
-                fmt_ratio(ratio(r, c.key, "none", "rate")),
-                fmt_ratio(ratio(r, c.key, "named", "rate")),
-                fmt_ratio(ratio(r, c.key, "g4", "rate")),
-                fmt_num(median(r, c.key, "switches_per_task")),
-                f"{len(values(r, c.key, 'rate'))}",
-            ]
-        )
-    headers = [
-        "4 workers, one producer",
-        "tasks/s (median)",
-        "vs no group",
-        'vs name="noop"',
-        "vs limit 4",
-        "context switches per task",
-        "rounds",
-    ]
-    lines = table(headers, rows)
-    incomplete = [
-        c.label
-        for c in cases
-        if any(m is not None and m["completed"] != m["n"] for m in r.get(c.key, []))
-    ]
-    if incomplete:
-        lines.append(f"\nWARNING: not every task completed for: {', '.join(incomplete)}")
-    return Report(lines, [])
+    against = [("none", "vs no group"), ("named", 'vs name="noop"'), ("g4", "vs limit 4")]
+    return Report(rate_table(cases, r, "4 workers, one producer", against), [])
 
 
 BENCHMARKS = {

@@ -29,7 +29,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from common import other_thread_switches, percentile, rss_bytes, thread_switches
+from common import (
+    other_thread_switches,
+    percentile,
+    process_switches,
+    rate_result,
+    rss_bytes,
+    thread_switches,
+)
 
 Result = dict[str, Any]
 
@@ -92,12 +99,6 @@ class _Countdown:
 # -- throughput ------------------------------------------------------------------
 
 
-def _switches() -> int:
-    """Context switches (voluntary + involuntary) of every thread of the process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_nvcsw + usage.ru_nivcsw
-
-
 def throughput(system: str, n: int, workers: int = 4, queue_size: int = 64) -> Result:
     """`n` no-op tasks from one producer; seconds from the first submission until
     every task has finished. Also counts the context switches of the process per
@@ -108,14 +109,14 @@ def throughput(system: str, n: int, workers: int = 4, queue_size: int = 64) -> R
         submit = tm.queue
         task = _noop_ctx
         gc.collect()
-        switches = _switches()
+        switches = process_switches()
         start = time.perf_counter()
         last = None
         for _ in range(n):
             last = submit(task)
         finished = tm.join(timeout=600)
         elapsed = time.perf_counter() - start
-        switches = _switches() - switches
+        switches = process_switches() - switches
         completed = n if finished and last is not None and last.done() else -1
         tm.stop()
     elif system == "threadpool":
@@ -128,13 +129,13 @@ def throughput(system: str, n: int, workers: int = 4, queue_size: int = 64) -> R
         submit_future = pool.submit
         noop = _noop
         gc.collect()
-        switches = _switches()
+        switches = process_switches()
         start = time.perf_counter()
         for _ in range(n):
             submit_future(noop)
         pool.shutdown(wait=True)
         elapsed = time.perf_counter() - start
-        switches = _switches() - switches
+        switches = process_switches() - switches
         completed = n
     elif system == "apscheduler":
         countdown = _Countdown(n)
@@ -143,24 +144,18 @@ def throughput(system: str, n: int, workers: int = 4, queue_size: int = 64) -> R
         add = scheduler.add_job
         noop = _noop
         gc.collect()
-        switches = _switches()
+        switches = process_switches()
         start = time.perf_counter()
         for _ in range(n):
             add(noop)
         countdown.done.wait(600)
         elapsed = time.perf_counter() - start
-        switches = _switches() - switches
+        switches = process_switches() - switches
         completed = countdown.finished
         scheduler.shutdown(wait=False)
     else:
         raise ValueError(f"unknown system for throughput: {system}")
-    return {
-        "rate": n / elapsed,
-        "seconds": elapsed,
-        "switches_per_task": switches / n,
-        "completed": completed,
-        "n": n,
-    }
+    return rate_result(n, elapsed, switches, completed)
 
 
 # -- delay: insert rate, memory and cancel with many pending tasks ---------------

@@ -118,20 +118,14 @@ def rec() -> Recorder:
 
 
 @pytest.fixture
-def make(rec: Recorder) -> Iterator[Callable[..., TaskManager]]:
-    """Make and start managers logging to `rec`; every one is stopped afterwards."""
-    made: list[TaskManager] = []
+def make(make: Callable[..., TaskManager], rec: Recorder) -> Callable[..., TaskManager]:
+    """conftest's `make`, logging to `rec` unless told otherwise."""
 
     def factory(**overrides: Any) -> TaskManager:
         overrides.setdefault("logger", rec)
-        manager = TaskManager(**overrides)
-        made.append(manager)
-        manager.start()
-        return manager
+        return make(**overrides)
 
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
+    return factory
 
 
 @pytest.fixture

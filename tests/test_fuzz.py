@@ -525,6 +525,15 @@ ZONE_JUNK = st.one_of(
 PERIODIC_OPTIONS = {k: VALID_OPTIONS[k] for k in ("retries", "name", "group", "timeout")}
 
 
+def settle_periodic(manager: TaskManager, rec: Recorder, periodic: object) -> None:
+    """What every() or cron() returned: a `Periodic` that cancels for good, or None."""
+    assert periodic is None or isinstance(periodic, Periodic)
+    settle(manager, rec, periodic)
+    if periodic is not None:
+        assert periodic.cancelled()
+        assert periodic.next_run is None
+
+
 def test_every(manager: TaskManager, rec: Recorder) -> None:
     """every() with random intervals, tasks, starts, jitters, fixed_delay, keys and options."""
 
@@ -544,11 +553,7 @@ def test_every(manager: TaskManager, rec: Recorder) -> None:
             key=args["key"],
             **opts,
         )
-        assert periodic is None or isinstance(periodic, Periodic)
-        settle(manager, rec, periodic)
-        if periodic is not None:
-            assert periodic.cancelled()
-            assert periodic.next_run is None
+        settle_periodic(manager, rec, periodic)
 
     run()
 
@@ -569,11 +574,7 @@ def test_cron(manager: TaskManager, rec: Recorder) -> None:
             key=args["key"],
             **args["opts"],
         )
-        assert periodic is None or isinstance(periodic, Periodic)
-        settle(manager, rec, periodic)
-        if periodic is not None:
-            assert periodic.cancelled()
-            assert periodic.next_run is None
+        settle_periodic(manager, rec, periodic)
 
     run()
 
