@@ -97,9 +97,6 @@ class Dispatcher:
         # Each delivery thread serves one generation; stopping starts the next, so
         # a thread that outlived a stop can never deliver beside its successor.
         self._generation = 0
-        # Events of a generation that a listener closed (a stop from a delivery
-        # thread cannot wait for them): that generation's thread delivers them last.
-        self._tails: dict[int, list[TaskEvent]] = {}
         self._delivering = False  # the thread is calling listeners outside the lock
         self._unbounded = False  # while the manager stops, nobody waits for room
 
@@ -152,9 +149,9 @@ class Dispatcher:
     def start_locked(self) -> threading.Thread | None:
         """Make the delivery thread if listeners exist and none runs; the caller
         starts the returned thread once the lock is released."""
+        self._unbounded = False  # a new run (or one a task started while its stop ran)
         if self._thread is not None or not self._listeners:
             return None
-        self._unbounded = False
         self._thread = threading.Thread(
             target=self._run, args=(self._generation, self._previous), name=f"{self._name}-listener"
         )
@@ -162,17 +159,13 @@ class Dispatcher:
         return self._thread
 
     def fork_child_locked(self) -> None:
-        """In a child made by fork: no delivery thread exists; events stay buffered,
-        those a closed generation's thread had yet to deliver first."""
+        """In a child made by fork: no delivery thread exists; events stay buffered."""
         self._ready = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
         self._thread = self._previous = None
         self._alive.clear()
         self._delivering = False
         self._generation += 1
-        for generation in sorted(self._tails, reverse=True):
-            self._events.extendleft(reversed(self._tails[generation]))
-        self._tails.clear()
 
     def unbound_locked(self) -> None:
         """Stop back pressure (the manager is stopping): release every waiter."""
@@ -183,34 +176,27 @@ class Dispatcher:
         """Wait until every buffered event was delivered, then stop the thread.
 
         `deadline` is a `time.monotonic()` value or None; events left when it passes
-        stay buffered for the next start. From a delivery thread (a listener that
-        stops the manager) nothing can wait: the thread is told to stop, and delivers
-        the rest of its batch and then every event buffered now before it ends.
+        stay buffered for the next start. Never called from a delivery thread: a
+        stop() from a listener is finished by the manager's stopper thread.
         """
         with self._lock:
             thread = self._thread
             if thread is None:
                 return
-            inside = threading.current_thread() in self._alive
-            if inside:
-                self._tails[self._generation] = list(self._events)
-                self._events.clear()
-            else:
-                while self._events or self._delivering:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        break
-                    self._room.wait(
-                        None if remaining is None else min(remaining, threading.TIMEOUT_MAX)
-                    )
+            while self._events or self._delivering:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._room.wait(
+                    None if remaining is None else min(remaining, threading.TIMEOUT_MAX)
+                )
             self._generation += 1
             self._thread = None
             self._previous = thread
             self._ready.notify_all()
             self._room.notify_all()
-        if not inside:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            thread.join(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        thread.join(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
 
     def _run(self, generation: int, previous: threading.Thread | None) -> None:
         try:
@@ -231,18 +217,14 @@ class Dispatcher:
                 while not self._events and self._generation == generation:
                     self._ready.wait()
                 if self._generation != generation:
-                    # Stopped: deliver what a listener's stop left to this thread, if
-                    # anything (a successor waits for this thread to end), and end.
-                    tail = self._tails.pop(generation, ())
-                    listeners = self._listeners
-                    break
+                    return  # stopped: a successor waits for this thread to end
                 batch = list(self._events)
                 self._events.clear()
                 listeners = self._listeners
                 self._delivering = True
                 self._room.notify_all()
             self._call(batch, listeners)
-        self._call(tail, listeners)
+            del batch  # let the delivered events go while this thread waits
 
     def _call(
         self,

@@ -160,6 +160,8 @@ class TaskManager:
         self._started_at = 0.0
         self._queue: TaskQueue | None = None
         self._threads: list[threading.Thread] = []
+        # The thread finishing a stop called from inside (see stop()), if any.
+        self._stopper: threading.Thread | None = None
         # Pending tasks between runs (queued when a stop timed out, or due while
         # stopped); start() queues them first.
         self._kept: collections.deque[TaskHandler] = collections.deque()
@@ -203,18 +205,22 @@ class TaskManager:
         """Start the workers and the scheduler; a no-op when running.
 
         A stopped manager starts again with the tasks its last stop kept, queued
-        ones first. While another thread is stopping it, waits for that stop.
+        ones first. While another thread is stopping it, waits for that stop. From
+        inside a task (or a listener) while a stop runs, it cannot wait (the stop
+        waits for that task): a new run starts at once, and the workers of the
+        stopping run finish its queue beside it.
         """
-        # Wait for a stop under way before taking _lifecycle: that stop may wait for
-        # a task that itself calls stop() (which takes _lifecycle).
         inside = _threads.current_owner() is self
         while True:
-            self._wait_for_stop(inside)
+            # Wait for a stop under way before taking _lifecycle: that stop may wait for
+            # a task that itself calls stop() (which takes _lifecycle).
+            if not inside:
+                self._wait_for_stop()
             with self._lifecycle:
                 with self._lock:
                     if self._state is _Lifecycle.RUNNING:
                         return
-                    if self._state is _Lifecycle.STOPPING:
+                    if self._state is _Lifecycle.STOPPING and not inside:
                         continue  # a start and a stop slipped in: wait again
                     threads, listener = self._new_run_locked()
                 for thread in threads:
@@ -230,12 +236,10 @@ class TaskManager:
             queue_size=self._config.queue_size,
         )
 
-    def _wait_for_stop(self, inside: bool) -> None:
-        """Wait while another thread stops the manager (refused from inside a task)."""
+    def _wait_for_stop(self) -> None:
+        """Wait while another thread stops the manager."""
         with self._lock:
             while self._state is _Lifecycle.STOPPING:
-                if inside:
-                    raise RuntimeError("start() from inside a task while stop() runs")
                 self._changed.wait()
 
     def _new_run_locked(self) -> tuple[list[threading.Thread], threading.Thread | None]:
@@ -266,20 +270,26 @@ class TaskManager:
         `timedelta`) that expires, the contexts of running tasks are cancelled, the
         tasks still queued are kept for the next `start()`, and it returns; a task
         that ignores its context runs on in its thread. A no-op when not running;
-        while another thread stops it, waits for that. From inside a task (or a
-        listener) it does not wait for the calling task (it cannot): tasks that
-        only the calling worker could still have run are kept.
+        while another thread stops it, waits for that.
+
+        From inside a task, a done callback or a listener it cannot wait (the stop
+        waits for the calling task), so it returns at once and a thread named
+        ``marionette-stopper`` finishes the stop: every queued task still runs, the
+        calling worker's share included once its task returns, and the manager is
+        stopped once the last worker has left and the listeners have had every event
+        (a `timeout` bounds that as above).
         """
         limit = None if timeout is None else seconds(timeout, "timeout", allow_negative=False)
         deadline = None if limit is None else time.monotonic() + limit
         inside = _threads.current_owner() is self
         interrupted: BaseException | None = None  # e.g. Ctrl-C: stop as on a timeout
+        stopper: threading.Thread | None = None
         with self._lifecycle:
             with self._lock:
                 state = self._state
                 if state is _Lifecycle.RUNNING:
                     self._state = _Lifecycle.STOPPING
-                    q, threads = self._queue, self._threads
+                    q, threads, previous = self._queue, self._threads, self._stopper
                     self._events.unbound_locked()
             if state is _Lifecycle.RUNNING:
                 assert q is not None
@@ -290,29 +300,78 @@ class TaskManager:
                 with self._lock:
                     for _ in threads:
                         q.force_locked(None)
+                    if inside:
+                        stopper = self._stopper = threading.Thread(
+                            target=self._finish_stop,
+                            args=(q, threads, previous, deadline),
+                            name="marionette-stopper",
+                        )
         if state is _Lifecycle.STOPPED:
             return
         if state is _Lifecycle.STOPPING:
             if not inside:
-                with self._lock:
-                    self._changed.wait_for(
-                        lambda: self._state is not _Lifecycle.STOPPING, _remaining(deadline)
-                    )
+                self._wait_for_stopped(deadline)
             return
         assert q is not None
-        me = threading.current_thread()
+        if stopper is None:
+            self._finish_stop(q, threads, previous, deadline, interrupted)
+            return
+        stopper.start()
+        if interrupted is not None:
+            raise interrupted
+
+    def _wait_for_stopped(self, deadline: float | None) -> None:
+        """Wait (until `deadline`) for the stop another thread began to finish."""
+        with self._lock:
+            self._changed.wait_for(
+                lambda: self._state is not _Lifecycle.STOPPING, _remaining(deadline)
+            )
+            stopper = self._stopper
+        if stopper is not None and stopper is not threading.current_thread():
+            stopper.join(_remaining(deadline))
+
+    def _finish_stop(
+        self,
+        q: TaskQueue,
+        threads: list[threading.Thread],
+        previous: threading.Thread | None,
+        deadline: float | None,
+        interrupted: BaseException | None = None,
+    ) -> None:
+        """The waiting half of `stop()`: in the stopping thread, or in the stopper
+        thread for a stop from inside.
+
+        Waits for the run's workers (and for an earlier stopper), keeps what is still
+        queued, delivers the events, and marks the manager stopped, unless a task
+        started a new run meanwhile: then what is left of this run goes to that one.
+        """
         try:
+            if previous is not None and interrupted is None:
+                previous.join(_remaining(deadline))
             for thread in threads:
-                if thread is not me and interrupted is None:
+                if interrupted is None:
                     thread.join(_remaining(deadline))
         except BaseException as exc:
             interrupted = exc
-        abandoned = any(t.is_alive() for t in threads if t is not me)
+        abandoned = any(t.is_alive() for t in threads)
         with self._lock:
-            leftover = q.close_locked(sentinels=len(threads))
-            self._kept.extend(h for h in leftover if h._state is _PENDING)
-            running = [h._ctx for h in self._running if h._ctx is not None] if abandoned else []
+            current = self._queue is q  # no task started a new run meanwhile
+            leftover = [h for h in q.close_locked(sentinels=len(threads)) if h._state is _PENDING]
+            if current:
+                self._kept.extend(leftover)
+            else:
+                for handler in leftover:
+                    self._enqueue_locked(handler)
+            running = (
+                [h._ctx for h in self._running if h._ctx is not None]
+                if abandoned and current
+                else []
+            )
             kept = len(self._kept) + self._scheduled
+        if not current:
+            if interrupted is not None:
+                raise interrupted
+            return
         try:
             for ctx in running:
                 ctx.cancel()
@@ -371,6 +430,7 @@ class TaskManager:
                 self._cancelled += 1
                 self._settle_locked(handler, TaskState.CANCELLED, None)
             self._foreign = 0
+            self._stopper = None
             self._queue, self._threads = None, []
             self._state = _Lifecycle.STOPPED
         finally:

@@ -376,6 +376,39 @@ def test_fork_from_inside_a_task(make: Callable[..., TaskManager]) -> None:
     assert stats_add_up(manager)
 
 
+def test_fork_from_a_task_that_called_stop(make: Callable[..., TaskManager]) -> None:
+    """A task calls stop() and then forks: the child holds the queued tasks and runs them
+    after its own start(); here the stop finishes and runs them too."""
+    manager = make(workers=1)
+    go = threading.Event()
+    queued: list[TaskHandler] = []
+
+    def forker(ctx: Context) -> Any:
+        assert go.wait(WAIT)
+        manager.stop()  # returns at once: the stopper thread waits for this task
+
+        def check() -> dict[str, Any]:
+            out: dict[str, Any] = {"pid": os.getpid(), "running": manager.is_running()}
+            out["queued"] = [h.state.name for h in queued]
+            manager.start()
+            out["ran_in"] = [h.result(WAIT) for h in queued]
+            manager.stop()
+            return out
+
+        return in_child(check)
+
+    forking = manager.queue(forker)
+    queued.extend(manager.queue(whoami) for _ in range(2))
+    go.set()
+    child = forking.result(PIPE_WAIT + WAIT)
+    assert child["running"] is False
+    assert child["queued"] == ["PENDING", "PENDING"]
+    assert child["ran_in"] == [child["pid"]] * 2
+    assert [h.result(WAIT) for h in queued] == [os.getpid()] * 2
+    manager.stop()
+    assert not manager.is_running()
+
+
 def test_fork_while_another_thread_stops_the_manager(
     make: Callable[..., TaskManager], release: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:

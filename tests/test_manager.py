@@ -360,29 +360,133 @@ def test_stop_from_inside_a_task_does_not_deadlock(tm: TaskManager) -> None:
         tm.queue(lambda ctx: None)
 
 
-def test_stop_from_inside_a_task_keeps_what_only_that_worker_could_run(
+def test_stop_from_inside_a_task_still_runs_every_queued_task(
     make: Callable[..., TaskManager],
 ) -> None:
-    """With one worker, tasks queued behind a task calling stop() are kept for start()."""
+    """With one worker, the tasks queued behind a task calling stop() still run."""
     manager = make(workers=1)
     gate = threading.Event()
-    ran: list[int] = []
+    refused: list[BaseException] = []
 
     def stopper(ctx: Context) -> str:
         assert gate.wait(WAIT)
         manager.stop()
+        try:
+            manager.queue(lambda ctx: None)  # refused from the stop's first instant
+        except TaskManagerStopped as exc:
+            refused.append(exc)
         return "stopped"
 
     first = manager.queue(stopper)
-    behind = [manager.queue(lambda ctx, i=i: ran.append(i)) for i in range(3)]
+    behind = [manager.queue(lambda ctx, i=i: i) for i in range(3)]
     gate.set()
     assert first.result(WAIT) == "stopped"
+    assert [h.result(WAIT) for h in behind] == [0, 1, 2]
+    assert len(refused) == 1
+    manager.stop()  # from outside: waits for the stop the task began
     assert not manager.is_running()
-    assert ran == []
-    assert [h.state for h in behind] == [TaskState.PENDING] * 3
-    manager.start()
+    assert manager.stats().uptime == 0.0
     assert manager.join(WAIT)
-    assert ran == [0, 1, 2]
+
+
+def test_stop_from_inside_returns_before_the_stop_ends(
+    make: Callable[..., TaskManager],
+) -> None:
+    """stop() from a task returns at once; the manager is stopped once that task ends."""
+    manager = make(workers=2)
+    release, stopped = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def stopper(ctx: Context) -> None:
+        manager.stop()
+        seen.append(manager.is_running())
+        stopped.set()
+        assert release.wait(WAIT)
+
+    handler = manager.queue(stopper)
+    queued = manager.queue(lambda ctx: stopped.wait(WAIT) and "after")
+    assert queued.result(WAIT) == "after"  # the other worker drains the queue
+    assert seen == [False]
+    assert handler.state is TaskState.RUNNING
+    release.set()
+    manager.stop()
+    assert handler.state is TaskState.SUCCEEDED
+    assert not manager.is_running()
+
+
+def test_stop_with_timeout_from_inside_keeps_what_it_could_not_run(
+    make: Callable[..., TaskManager],
+) -> None:
+    """stop(timeout) from a task: past the timeout its context is cancelled and the
+    tasks still queued are kept for the next start()."""
+    manager = make(workers=1)
+    cancelled: list[bool] = []
+
+    def stopper(ctx: Context) -> None:
+        manager.stop(timeout=0.05)
+        cancelled.append(ctx.wait(WAIT))  # the timeout cancels this running task
+
+    handler = manager.queue(stopper)
+    behind = [manager.queue(lambda ctx, i=i: i) for i in range(2)]
+    handler.result(WAIT)
+    assert cancelled == [True]
+    manager.stop()
+    assert [h.state for h in behind] == [TaskState.PENDING] * 2
+    manager.start()
+    assert [h.result(WAIT) for h in behind] == [0, 1]
+
+
+def test_stop_from_inside_while_another_thread_stops(
+    make: Callable[..., TaskManager],
+) -> None:
+    """A task calling stop() while an outside stop() waits for it: both return, and
+    every queued task runs."""
+    manager = make(workers=1)
+    started, stopping = threading.Event(), threading.Event()
+
+    def task(ctx: Context) -> bool:
+        started.set()
+        assert stopping.wait(WAIT)
+        manager.stop()  # the outside stop() began first: returns at once
+        return manager.is_running()
+
+    handler = manager.queue(task)
+    behind = manager.queue(lambda ctx: "behind")
+    assert started.wait(WAIT)
+    outside = threading.Thread(target=manager.stop, name="test-outside-stop")
+    outside.start()
+    with manager._lock:  # the outside stop() has begun once the state says so
+        manager._changed.wait_for(lambda: not manager.is_running(), WAIT)
+    stopping.set()
+    outside.join(WAIT)
+    assert not outside.is_alive()
+    assert handler.result(0) is False
+    assert behind.result(0) == "behind"
+
+
+def test_stop_then_start_from_inside_runs_everything(
+    make: Callable[..., TaskManager],
+) -> None:
+    """A task that stops and restarts its manager: the queue behind it runs, and the
+    manager is running afterwards."""
+    manager = make(workers=1)
+    gate = threading.Event()
+
+    def restarter(ctx: Context) -> bool:
+        assert gate.wait(WAIT)
+        manager.stop()
+        manager.start()
+        return manager.is_running()
+
+    first = manager.queue(restarter)
+    behind = [manager.queue(lambda ctx, i=i: i) for i in range(3)]
+    gate.set()
+    assert first.result(WAIT) is True
+    assert [h.result(WAIT) for h in behind] == [0, 1, 2]
+    assert manager.is_running()
+    assert manager.queue(lambda ctx: "later").result(WAIT) == "later"
+    manager.stop()
+    assert not manager.is_running()
 
 
 def test_join_from_inside_a_task_raises_runtime_error(tm: TaskManager) -> None:
