@@ -259,7 +259,9 @@ class _Extras:
     """The part of a handler that most never need, made on first need.
 
     Made and changed under the owner's lock only; once the handler is finished,
-    `waiter` and `callbacks` never change again.
+    `waiter` never changes again, and `callbacks` only once more: the thread that
+    fires them drops the list (the callbacks and what they hold, a future say,
+    would otherwise live as long as the handler).
     """
 
     __slots__ = ("callbacks", "cancelling", "errors", "futures", "waiter")
@@ -282,6 +284,7 @@ class TaskHandler:
     """
 
     __slots__ = (
+        "__weakref__",  # for weak maps of handlers, and for tests that it is let go
         "_attempts",
         "_ctx",
         "_due",
@@ -442,8 +445,9 @@ class TaskHandler:
             return
         if extras.waiter is not None:
             extras.waiter.set()
-        if extras.callbacks:
-            for fn in extras.callbacks:
+        callbacks, extras.callbacks = extras.callbacks, None  # they hold the handler
+        if callbacks:
+            for fn in callbacks:
                 self._run_callback(fn)
 
     def _run_callback(self, fn: Callable[[TaskHandler], object]) -> None:
@@ -460,41 +464,50 @@ class TaskHandler:
         For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`. It
         is RUNNING from the start of the task's first attempt, so, as with an
         executor's future, `cancel()` succeeds (and cancels the task) only before
-        that; cancelling it afterwards returns False.
+        that; cancelling it afterwards returns False. A future cancelled by its
+        holder is reported done by `wait` and `as_completed` at once.
         """
+        return self._future(linked=True)
+
+    def _future(self, *, linked: bool) -> concurrent.futures.Future[Any]:
+        """`as_future`; with `linked` false, cancelling the future leaves the task alone
+        (for `await`, whose awaiter may give up without cancelling the task)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._owner._lock:
-            if self._attempts == 0 and self._state in (TaskState.PENDING, TaskState.SCHEDULED):
-                extras = self._extras_locked()
-                if extras.futures is None:
-                    extras.futures = []
-                extras.futures.append(future)  # marked running by the first attempt
-            elif self._state not in _FINISHED:
-                future.set_running_or_notify_cancel()
-
-        def settle(handler: TaskHandler) -> None:
-            if future.done():
-                return
-            state = handler._state
-            if state is TaskState.CANCELLED:
-                if future.cancel():
+            state = self._state
+            if state not in _FINISHED:
+                if self._attempts == 0 and state in (TaskState.PENDING, TaskState.SCHEDULED):
+                    # Pending: whoever takes it out of `futures` under the lock (the first
+                    # attempt, or its holder's cancel) calls set_running_or_notify_cancel.
+                    extras = self._extras_locked()
+                    if extras.futures is None:
+                        extras.futures = []
+                    extras.futures.append(future)
+                else:
                     future.set_running_or_notify_cancel()
-                else:  # already running: report the cancellation as its outcome
-                    future.set_exception(concurrent.futures.CancelledError())
-                return
-            if not future.running() and not future.set_running_or_notify_cancel():
-                return
-            if state is TaskState.SUCCEEDED:
-                future.set_result(handler._value)
-            else:
-                future.set_exception(handler._value)
+        if state is TaskState.CANCELLED:
+            future.cancel()
+            future.set_running_or_notify_cancel()
+            return future
+        if state in _FINISHED:
+            _settle_future(future, self)
+            return future
 
         def propagate(f: concurrent.futures.Future[Any]) -> None:
-            if f.cancelled():
+            if not f.cancelled():
+                return
+            with self._owner._lock:
+                extras = self._extras
+                mine = extras is not None and extras.futures is not None and f in extras.futures
+                if mine:
+                    extras.futures.remove(f)  # type: ignore[union-attr]
+            if mine:
+                f.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: wait() sees it
+            if linked:
                 self.cancel()
 
         future.add_done_callback(propagate)
-        self.add_done_callback(settle)
+        self.add_done_callback(lambda handler: _settle_future(future, handler))
         return future
 
     def _start_futures_locked(self) -> bool:
@@ -540,3 +553,20 @@ class TaskHandler:
 
     def __repr__(self) -> str:
         return f"<TaskHandler #{self.id} {self.name} {self._state.name}>"
+
+
+def _settle_future(future: concurrent.futures.Future[Any], handler: TaskHandler) -> None:
+    """Give `future` the outcome of the finished `handler` (unless it has one)."""
+    if future.done():
+        return
+    state = handler._state
+    if state is TaskState.CANCELLED:
+        if not future.cancel():  # already running: report the cancellation as its outcome
+            future.set_exception(concurrent.futures.CancelledError())
+        return  # a pending future: its propagate callback notified its waiters
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return
+    if state is TaskState.SUCCEEDED:
+        future.set_result(handler._value)
+    else:
+        future.set_exception(handler._value)

@@ -1056,7 +1056,11 @@ class TaskManager:
         begin, run, events = self._begin_locked, self._run, self._events
         items, debug = q.queue, self._log.enabled
         done: _Success | None = None
+        extras: _Extras | None = None
         while True:
+            # Reset before this worker may wait: an idle worker must not keep its last
+            # task (its callbacks, future or result) alive, as CPython's executor does
+            # not (bpo-16284).
             handler: TaskHandler | None = None
             ctx: Context | None = None
             # Not `with`: acquire() and release() cost 40% less, and no KeyboardInterrupt
@@ -1076,7 +1080,7 @@ class TaskManager:
                 # Skip the call when there is nothing to announce: the common case.
                 if extras is not None or done[1]._parent is not None or debug(DEBUG):
                     self._announce(done[0], done[1], extras)
-                done = None
+                done = extras = None
                 if events.wanted and events.over():
                     events.wait_for_room()
             if not take:

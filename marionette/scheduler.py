@@ -444,3 +444,4 @@ class Scheduler(Generic[T]):
                     )
                 self._handed += 1  # for the fork hook: a plain store, read only there
             self._batch = []
+            del due, item  # what was handed out must not live on while this thread sleeps

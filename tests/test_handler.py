@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import gc
 import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +29,7 @@ from marionette import (
     TaskManager,
     TaskState,
 )
+from marionette._queue import TaskQueue
 from marionette.handler import parse_options, retry_delay
 
 Frozen = freezegun.api.FrozenDateTimeFactory
@@ -460,6 +463,115 @@ def test_cancelling_the_handler_cancels_its_future(tm: TaskManager) -> None:
     assert future.cancelled()
     with pytest.raises(concurrent.futures.CancelledError):
         future.result(timeout=0)
+
+
+def test_wait_reports_a_future_cancelled_by_its_holder_at_once(tm: TaskManager) -> None:
+    """`wait` and `as_completed` see a future cancelled by its holder as done at once,
+    as they see an executor's (its state is CANCELLED_AND_NOTIFIED)."""
+    ran: list[int] = []
+    handler = tm.delay(3600, lambda ctx: ran.append(1))
+    future = handler.as_future()
+    assert future.cancel()
+    done, not_done = concurrent.futures.wait([future], timeout=WAIT)
+    assert (done, not_done) == ({future}, set())
+    assert list(concurrent.futures.as_completed([future], timeout=WAIT)) == [future]
+    assert handler.cancelled()
+    assert ran == []
+
+
+def test_wait_and_as_completed_over_every_outcome(single: TaskManager) -> None:
+    """Over cancelled (by holder or by handler), failed and succeeded futures, `wait`
+    returns all of them done and `as_completed` yields each once, as for an executor."""
+    gate = Gate()
+    single.queue(gate)
+    try:
+        assert gate.started.wait(WAIT)
+        by_holder = single.queue(ok).as_future()
+        by_handler_task = single.queue(ok)
+        by_handler = by_handler_task.as_future()
+        failed = single.queue(fail).as_future()
+        succeeded = single.queue(ok).as_future()
+        waiting = [by_holder, by_handler, failed, succeeded]
+        assert by_holder.cancel()
+        assert by_handler_task.cancel()
+        first, _ = concurrent.futures.wait(waiting, timeout=WAIT, return_when="FIRST_COMPLETED")
+        assert first == {by_holder, by_handler}
+    finally:
+        gate.release.set()
+    done, not_done = concurrent.futures.wait(waiting, timeout=WAIT)
+    assert (done, not_done) == (set(waiting), set())
+    seen = list(concurrent.futures.as_completed(waiting, timeout=WAIT))
+    assert sorted(map(id, seen)) == sorted(map(id, waiting))
+    assert isinstance(failed.exception(0), TaskError)
+    assert succeeded.result(0) == "ok"
+
+
+def test_asyncio_sees_a_cancelled_future_at_once(tm: TaskManager) -> None:
+    """`asyncio.wrap_future` of a future cancelled by its holder raises CancelledError
+    without waiting for anything."""
+    handler = tm.delay(3600, ok)
+    future = handler.as_future()
+
+    async def main() -> None:
+        wrapped = asyncio.wrap_future(future)
+        future.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(wrapped, WAIT)
+
+    asyncio.run(main())
+    assert handler.cancelled()
+
+
+class Result:
+    """A result that can be weakly referenced."""
+
+
+@pytest.mark.parametrize("how", ["queue", "delay", "listener"])
+def test_a_finished_task_is_not_kept_alive_by_an_idle_manager(
+    make: Callable[..., TaskManager], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a task finished and its callbacks ran, nothing of it (the callable, the
+    handler, its result, its callbacks, its future) stays reachable from the idle
+    worker, scheduler and listener threads."""
+    idle = threading.Condition()
+    fired: list[bool] = []
+    waiting: list[bool] = []  # a worker went to wait for work after the callback ran
+    take = TaskQueue.take_locked
+
+    def watched_take(q: TaskQueue) -> Any:
+        if not q.queue:
+            with idle:
+                if fired:
+                    waiting.append(True)
+                    idle.notify_all()
+        return take(q)
+
+    monkeypatch.setattr(TaskQueue, "take_locked", watched_take)
+    manager = make(workers=1)
+    if how == "listener":
+        manager.add_listener(lambda event: None)
+    result = Result()
+    task = lambda ctx, r=result: r  # noqa: E731
+
+    def callback(handler: Any) -> None:
+        with idle:
+            fired.append(True)
+
+    submit = manager.queue if how != "delay" else functools.partial(manager.delay, 0)
+    handler = submit(task)
+    future = handler.as_future()
+    handler.add_done_callback(callback)
+    refs = [weakref.ref(x) for x in (task, handler, result, callback, future)]
+    assert future.result(WAIT) is result
+    with idle:
+        assert idle.wait_for(lambda: waiting, WAIT)  # the worker waits for its next task
+    manager.scheduler.wake()  # the scheduler thread went back to sleep
+    events = manager._events
+    with manager._lock:  # the listener thread delivered everything and waits again
+        assert events._room.wait_for(lambda: not events._events and not events._delivering, WAIT)
+    del task, handler, result, callback, future, submit
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 5
 
 
 def test_future_of_a_running_task_settles_with_it(tm: TaskManager) -> None:
