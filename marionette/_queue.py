@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+from typing import Any
 
 from .handler import TaskHandler
 
@@ -16,13 +17,13 @@ class _Blocked:
 
     __slots__ = ("item", "placed", "ready")
 
-    def __init__(self, item: TaskHandler, lock: threading.Lock) -> None:
+    def __init__(self, item: TaskHandler[Any], lock: threading.Lock) -> None:
         self.item = item
         self.placed = False  # put in the queue (or taken out by a close) for it
         self.ready = threading.Condition(lock)
 
 
-class TaskQueue(queue.Queue[TaskHandler | None]):
+class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
     """The bounded task queue of one run: a `queue.Queue` on the manager's lock.
 
     Sharing the lock makes a submission, or a worker's take-and-start, a single
@@ -59,7 +60,7 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
         #: Producers waiting for room, first come first.
         self.blocked: collections.deque[_Blocked] = collections.deque()
 
-    def force_locked(self, item: TaskHandler | None) -> None:
+    def force_locked(self, item: TaskHandler[Any] | None) -> None:
         """Put, even past the bound: for the manager's own threads and stop signals.
 
         `TaskManager.queue` inlines this (and `has_room_locked`): keep them in step.
@@ -69,7 +70,7 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
             self._waking = 1
             self.not_empty.notify()
 
-    def take_locked(self) -> TaskHandler | None:
+    def take_locked(self) -> TaskHandler[Any] | None:
         """Wait for the next item: a task, or None for "leave"."""
         items = self.queue
         while not items:
@@ -80,7 +81,7 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
                 self._takers -= 1
                 if self._waking:
                     self._waking -= 1
-        item: TaskHandler | None = items.popleft()
+        item: TaskHandler[Any] | None = items.popleft()
         if items and self._takers > self._waking == 0:
             self._waking = 1  # more to do: pass the wake-up on
             self.not_empty.notify()
@@ -98,7 +99,7 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
                 waiter.ready.notify()
         return item
 
-    def push_front_locked(self, items: list[TaskHandler]) -> None:
+    def push_front_locked(self, items: list[TaskHandler[Any]]) -> None:
         """Put `items`, in order, ahead of everything: tasks a gate just released
         (they waited already, and must run before the stop signals)."""
         self.queue.extendleft(reversed(items))
@@ -106,14 +107,14 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
             self._waking = 1
             self.not_empty.notify()
 
-    def snapshot_locked(self) -> list[TaskHandler]:
+    def snapshot_locked(self) -> list[TaskHandler[Any]]:
         return [item for item in self.queue if item is not None]
 
     def has_room_locked(self) -> bool:
         """Room for a producer: under the bound, and nobody waiting before it."""
         return len(self.queue) < self.maxsize and not self.blocked
 
-    def put_blocking(self, item: TaskHandler) -> bool:
+    def put_blocking(self, item: TaskHandler[Any]) -> bool:
         """Wait for room and put `item`. True once it is in the queue or among the
         tasks `close_locked` returned; False, with nothing done, if the queue was
         closed already.
@@ -139,7 +140,7 @@ class TaskQueue(queue.Queue[TaskHandler | None]):
                     self.force_locked(item)
             return True
 
-    def close_locked(self, sentinels: int) -> list[TaskHandler]:
+    def close_locked(self, sentinels: int) -> list[TaskHandler[Any]]:
         """Take every task out (the blocked producers' too), leave `sentinels` stop
         signals, and refuse further puts."""
         self.closed = True

@@ -430,7 +430,7 @@ def run(duration: float = DEFAULT_DURATION, db: Path | str | None = None) -> int
         tm = TaskManager(Config(logger=log, workers=4, server_name="demo", limits={"http": 2}))
         monitor = Monitor(tm, store, log)
         tm.add_listener(monitor.on_event, events=[TaskEventKind.SUCCEEDED, TaskEventKind.FAILED])
-        planned: list[Periodic | TaskHandler] = []  # what to cancel at the end
+        planned: list[Periodic | TaskHandler[Any]] = []  # what to cancel at the end
         tm.start()
         try:
             periodics = start_polling(tm, service)

@@ -57,7 +57,7 @@ class TaskEvent:
     `error` (RETRYING, FAILED) or `result` (SUCCEEDED) it carries."""
 
     kind: TaskEventKind
-    task: TaskHandler
+    task: TaskHandler[Any]
     at: datetime
     error: BaseException | None = None
     result: Any = None
@@ -120,7 +120,7 @@ class Dispatcher:
     def emit_locked(
         self,
         kind: TaskEventKind,
-        task: TaskHandler,
+        task: TaskHandler[Any],
         error: BaseException | None = None,
         result: Any = None,
     ) -> None:

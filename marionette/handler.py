@@ -13,15 +13,26 @@ handler's fields, the waiting, the callbacks, and the pure retry decision.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import enum
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Never,
+    NoReturn,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    runtime_checkable,
+)
 
 import tenacity
 
@@ -36,6 +47,9 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 __all__ = ["Task", "TaskHandler", "TaskState"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class TaskState(enum.Enum):
@@ -56,10 +70,10 @@ _FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLE
 
 
 @runtime_checkable
-class Task(Protocol):
+class Task(Protocol[T_co]):
     """An object task: `do(ctx)` runs one attempt; its return value is the result."""
 
-    def do(self, ctx: Context) -> Any: ...
+    def do(self, ctx: Context) -> T_co: ...
 
 
 class _Owner(Protocol):
@@ -69,8 +83,8 @@ class _Owner(Protocol):
     _log: Log
     _scheduler: Scheduler[Any]
 
-    def _cancel(self, handler: TaskHandler) -> bool: ...
-    def _execute(self, handler: TaskHandler) -> None: ...
+    def _cancel(self, handler: TaskHandler[Any]) -> bool: ...
+    def _execute(self, handler: TaskHandler[Any]) -> None: ...
 
 
 # -- options ---------------------------------------------------------------------
@@ -268,7 +282,7 @@ class _Extras:
 
     def __init__(self) -> None:
         self.waiter: threading.Event | None = None
-        self.callbacks: list[Callable[[TaskHandler], object]] | None = None
+        self.callbacks: list[Callable[[TaskHandler[Any]], object]] | None = None
         self.errors: list[BaseException] | None = None
         #: Futures from `as_future` still to be marked running by the first attempt.
         self.futures: list[concurrent.futures.Future[Any]] | None = None
@@ -276,11 +290,13 @@ class _Extras:
         self.cancelling = False
 
 
-class TaskHandler:
+class TaskHandler(Generic[T]):
     """One submission of a task: its state, result, attempts, and the Future API.
 
     Returned by every submission; any thread may use it. `result()` and
     `exception()` block (with an optional timeout); everything else returns at once.
+    Generic in the task's result: a task ``fn(ctx) -> T`` gives a ``TaskHandler[T]``.
+    ``await handler`` waits without blocking the event loop (see `__await__`).
     """
 
     __slots__ = (
@@ -391,7 +407,7 @@ class TaskHandler:
         if not waiter.wait(limit) and self._state not in _FINISHED:
             raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         """The task's return value, waiting up to `timeout` seconds for it.
 
         Raises `TimeoutError` if it is not done in time, the `TaskError` of a task
@@ -401,7 +417,7 @@ class TaskHandler:
         self._wait(timeout)
         state = self._state
         if state is TaskState.SUCCEEDED:
-            return self._value
+            return self._value  # type: ignore[no-any-return]
         if state is TaskState.CANCELLED:
             raise concurrent.futures.CancelledError()
         raise self._value
@@ -417,7 +433,7 @@ class TaskHandler:
             raise concurrent.futures.CancelledError()
         return self._value if state is TaskState.FAILED else None
 
-    def add_done_callback(self, fn: Callable[[TaskHandler], object]) -> None:
+    def add_done_callback(self, fn: Callable[[TaskHandler[T]], object]) -> None:
         """Call `fn(handler)` once the task is done; at once if it already is.
 
         Callbacks run in the thread that finishes the task (or the calling thread),
@@ -450,7 +466,7 @@ class TaskHandler:
             for fn in callbacks:
                 self._run_callback(fn)
 
-    def _run_callback(self, fn: Callable[[TaskHandler], object]) -> None:
+    def _run_callback(self, fn: Callable[[TaskHandler[T]], object]) -> None:
         try:
             fn(self)
         except BaseException as exc:  # as concurrent.futures: log, never raise
@@ -458,7 +474,7 @@ class TaskHandler:
                 "done callback raised", task_id=self.id, task=self.name, error=describe(exc)
             )
 
-    def as_future(self) -> concurrent.futures.Future[Any]:
+    def as_future(self) -> concurrent.futures.Future[T]:
         """A new `concurrent.futures.Future` that settles when this handler does.
 
         For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`. It
@@ -469,10 +485,10 @@ class TaskHandler:
         """
         return self._future(linked=True)
 
-    def _future(self, *, linked: bool) -> concurrent.futures.Future[Any]:
+    def _future(self, *, linked: bool) -> concurrent.futures.Future[T]:
         """`as_future`; with `linked` false, cancelling the future leaves the task alone
         (for `await`, whose awaiter may give up without cancelling the task)."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._owner._lock:
             state = self._state
             if state not in _FINISHED:
@@ -493,7 +509,7 @@ class TaskHandler:
             _settle_future(future, self)
             return future
 
-        def propagate(f: concurrent.futures.Future[Any]) -> None:
+        def propagate(f: concurrent.futures.Future[T]) -> None:
             if not f.cancelled():
                 return
             with self._owner._lock:
@@ -509,6 +525,31 @@ class TaskHandler:
         future.add_done_callback(propagate)
         self.add_done_callback(lambda handler: _settle_future(future, handler))
         return future
+
+    def __await__(self) -> Generator[Any, None, T]:
+        """``await handler``: the result, or what `result()` raises, without blocking
+        the event loop.
+
+        Several coroutines may await one handler. An awaiter that is cancelled or
+        gives up (``asyncio.wait_for(handler, 5)``) leaves the task alone:
+        `cancel()` is how a task is cancelled. A handler nobody awaits pays nothing.
+        Built on a plain asyncio future woken from the finishing thread, rather than
+        `asyncio.wrap_future`, which would cancel the task with its awaiter and turn
+        a cancelled task into the awaiter's own `asyncio.CancelledError`.
+        """
+        if self._state not in _FINISHED:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+
+            def wake(handler: TaskHandler[T]) -> None:
+                try:
+                    loop.call_soon_threadsafe(_resolve, waiter)
+                except RuntimeError:  # the loop was closed: nobody waits any more
+                    pass
+
+            self.add_done_callback(wake)
+            yield from waiter.__await__()
+        return self.result(0)
 
     def _start_futures_locked(self) -> bool:
         """Mark the futures of `as_future` running as the first attempt starts;
@@ -544,8 +585,12 @@ class TaskHandler:
         """The ``context=`` option's context ended: the task is cancelled with it."""
         self.cancel()
 
-    def do(self, ctx: Context) -> Any:
-        """Always raises `TypeError`: a handler is submitted, never wrapped again."""
+    def do(self, ctx: Never) -> NoReturn:
+        """Always raises `TypeError`: a handler is submitted, never wrapped again.
+
+        Typed to accept nothing, so that a type checker flags the call, and so that
+        a handler is not taken for a `Task` (whose result type it would blur).
+        """
         raise TypeError(f"{self!r} is a TaskHandler: submit it or call exec(), never do()")
 
     def __str__(self) -> str:
@@ -555,7 +600,18 @@ class TaskHandler:
         return f"<TaskHandler #{self.id} {self.name} {self._state.name}>"
 
 
-def _settle_future(future: concurrent.futures.Future[Any], handler: TaskHandler) -> None:
+#: What a submission takes: a callable ``fn(ctx)``, a `Task` object, or a handler
+#: from `wrap_task` (submitted as it is, never wrapped again).
+Submittable: TypeAlias = TaskHandler[T] | Task[T] | Callable[[Context], T]
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    """Wake an awaiter (in its loop's thread), unless it gave up meanwhile."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _settle_future(future: concurrent.futures.Future[T], handler: TaskHandler[T]) -> None:
     """Give `future` the outcome of the finished `handler` (unless it has one)."""
     if future.done():
         return

@@ -44,7 +44,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import _threads
@@ -68,6 +68,8 @@ from .events import Dispatcher, TaskEvent, TaskEventKind
 from .handler import (
     DEFAULT_OPTIONS,
     Options,
+    Submittable,
+    T,
     TaskHandler,
     TaskState,
     _Extras,
@@ -105,7 +107,7 @@ _get_ident = threading.get_ident
 _PARENT_DONE = Context()
 
 # An attempt that returned a value: (handler, its attempt's context, the value).
-_Success = tuple[TaskHandler, Context, Any]
+_Success = tuple[TaskHandler[Any], Context, Any]
 
 
 class _Lifecycle(enum.Enum):
@@ -164,12 +166,12 @@ class TaskManager:
         self._stopper: threading.Thread | None = None
         # Pending tasks between runs (queued when a stop timed out, or due while
         # stopped); start() queues them first.
-        self._kept: collections.deque[TaskHandler] = collections.deque()
-        self._running: set[TaskHandler] = set()
+        self._kept: collections.deque[TaskHandler[Any]] = collections.deque()
+        self._running: set[TaskHandler[Any]] = set()
         self._keys: dict[str, Slot] = {}
         # Tasks a gate holds (their key's other instance runs, or their group is
         # full), in the order they were held; released to the front of the queue.
-        self._parked: dict[TaskHandler, None] = {}
+        self._parked: dict[TaskHandler[Any], None] = {}
         self._groups = {name: Group(name, n) for name, n in config.limits.items()}
         self._active = 0  # submitted and not finished: what join() waits for
         self._scheduled = 0  # of those, waiting in the scheduler
@@ -180,7 +182,7 @@ class TaskManager:
         self._events = Dispatcher(self, self._lock, self._log, "marionette")
         # The scheduler shares the manager's lock (see scheduler.py): with it held,
         # call only its *_locked methods.
-        self._scheduler: Scheduler[TaskHandler | Context | Periodic] = Scheduler(
+        self._scheduler: Scheduler[TaskHandler[Any] | Context | Periodic] = Scheduler(
             self._on_due, self._log, _lock=self._lock
         )
         _threads.forkable(self)
@@ -464,7 +466,7 @@ class TaskManager:
 
     # -- submission --------------------------------------------------------------
 
-    def wrap_task(self, task: Any, **opts: Any) -> TaskHandler:
+    def wrap_task(self, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
         """Wrap `task` in a pending handler without submitting it.
 
         `wrap_task(handler)` returns the same handler; options cannot be given with
@@ -492,7 +494,7 @@ class TaskManager:
             name = default_name(task)
         return fn, options, name
 
-    def queue(self, task: Any, *, block: bool = True, **opts: Any) -> TaskHandler:
+    def queue(self, task: Submittable[T], *, block: bool = True, **opts: Any) -> TaskHandler[T]:
         """Run `task` as soon as a worker is free; returns its handler.
 
         Blocks while the queue is full (back pressure), or while other producers
@@ -507,8 +509,8 @@ class TaskManager:
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
         fresh = not opts and type(task) is _FUNCTION
-        handler = (
-            TaskHandler(self, task, DEFAULT_OPTIONS, None)
+        handler: TaskHandler[T] = (
+            TaskHandler(self, task, DEFAULT_OPTIONS, None)  # type: ignore[arg-type]  # a function
             if fresh
             else self.wrap_task(task, **opts)
         )
@@ -547,7 +549,7 @@ class TaskManager:
             self._after_submit(handler)
         return handler
 
-    def delay(self, delay: float, task: Any, **opts: Any) -> TaskHandler:
+    def delay(self, delay: float | timedelta, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
         """Run `task` on or after `delay` seconds (or a `timedelta`) from now.
 
         A negative delay means now; NaN or infinity raise `Unschedulable`, None or a
@@ -555,13 +557,13 @@ class TaskManager:
         ``key=``, returns the key's pending instance if there is one.
         """
         kind = type(delay)
-        if (kind is float or kind is int) and -_FINITE < delay < _FINITE:
-            wait = float(delay)  # the hot path: seconds() would say the same
+        if (kind is float or kind is int) and -_FINITE < delay < _FINITE:  # type: ignore[operator]
+            wait = float(delay)  # type: ignore[arg-type]  # the hot path: as seconds() would
         else:
             wait = seconds(delay, "delay", error=Unschedulable)
         return self._submit_later(task, opts, wait, None)
 
-    def schedule(self, at: datetime, task: Any, **opts: Any) -> TaskHandler:
+    def schedule(self, at: datetime, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
         """Run `task` on or after the aware `datetime` `at`; a past time means now.
 
         The time is kept on the wall clock. None, `datetime.min` or a naive datetime
@@ -572,7 +574,7 @@ class TaskManager:
 
     def _submit_later(
         self, task: Any, opts: dict[str, Any], wait: float, timestamp: float | None
-    ) -> TaskHandler:
+    ) -> TaskHandler[Any]:
         """Submit to the scheduler: `wait` seconds from now, or at the wall-clock
         `timestamp` when one is given. The hot path of `delay` and `schedule`."""
         fresh = not opts and type(task) is _FUNCTION
@@ -610,7 +612,7 @@ class TaskManager:
             self._after_submit(handler)
         return handler
 
-    def _claim_locked(self, handler: TaskHandler) -> TaskHandler | None:
+    def _claim_locked(self, handler: TaskHandler[Any]) -> TaskHandler[Any] | None:
         """Admit a submission: raise if it may not be made; return the handler the
         caller must return at once (its key's pending instance, or a handler
         cancelled before its submission), or None to go on and count it."""
@@ -622,7 +624,7 @@ class TaskManager:
             return handler
         return None
 
-    def _admit_locked(self, handler: TaskHandler) -> None:
+    def _admit_locked(self, handler: TaskHandler[Any]) -> None:
         """Raise unless `handler` may be submitted now."""
         if self._state is not _Lifecycle.RUNNING:
             raise TaskManagerStopped()
@@ -633,7 +635,7 @@ class TaskManager:
             # Submitted before, or being run by exec() without a submission.
             raise ValueError(f"{handler!r} was already submitted: a handler runs once")
 
-    def _claim_key_locked(self, handler: TaskHandler) -> TaskHandler | None:
+    def _claim_key_locked(self, handler: TaskHandler[Any]) -> TaskHandler[Any] | None:
         """Make `handler` its key's pending instance, or return the one there is."""
         key = handler._opts.key
         assert key is not None
@@ -647,7 +649,7 @@ class TaskManager:
         slot.pending = handler
         return None
 
-    def _unclaim_key_locked(self, handler: TaskHandler) -> None:
+    def _unclaim_key_locked(self, handler: TaskHandler[Any]) -> None:
         """Undo `_claim_key_locked` for a submission that did not happen."""
         key = handler._opts.key
         if key is not None:
@@ -655,7 +657,7 @@ class TaskManager:
             slot.ended(handler)
             self._forget_slot_locked(slot)
 
-    def _count_locked(self, handler: TaskHandler, state: TaskState) -> None:
+    def _count_locked(self, handler: TaskHandler[Any], state: TaskState) -> None:
         handler._due = handler._submitted_at = time.monotonic()
         handler._state = state
         self._active += 1
@@ -666,7 +668,7 @@ class TaskManager:
         if self._events.wanted:
             self._emit_locked(_Kind.SUBMITTED, handler)
 
-    def _after_submit(self, handler: TaskHandler) -> None:
+    def _after_submit(self, handler: TaskHandler[Any]) -> None:
         """After a submission, with no lock held: a task whose ``context=`` is
         already done is cancelled; a submitter waits while listeners lag far behind."""
         parent = handler._opts.context
@@ -675,7 +677,7 @@ class TaskManager:
         if self._events.wanted and self._events.over():
             self._events.wait_for_room()
 
-    def _enqueue_locked(self, handler: TaskHandler) -> None:
+    def _enqueue_locked(self, handler: TaskHandler[Any]) -> None:
         """Queue a due task from inside the manager: never blocks, never lost."""
         q = self._queue
         if q is None or q.closed:
@@ -683,7 +685,7 @@ class TaskManager:
         else:
             q.force_locked(handler)
 
-    def _release_locked(self, handlers: list[TaskHandler]) -> None:
+    def _release_locked(self, handlers: list[TaskHandler[Any]]) -> None:
         """Tasks a gate let through: they go first, ahead of the stop signals."""
         if not handlers:
             return
@@ -697,7 +699,7 @@ class TaskManager:
 
     # -- keys, rescheduling, inspection ------------------------------------------
 
-    def get(self, key: str) -> TaskHandler | None:
+    def get(self, key: str) -> TaskHandler[Any] | None:
         """The key's pending instance, else its running one, else None."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {key!r}")
@@ -708,7 +710,7 @@ class TaskManager:
             return slot.pending or slot.running
 
     def reschedule(
-        self, task: str | TaskHandler, when: float | datetime, *, only_sooner: bool = False
+        self, task: str | TaskHandler[Any], when: float | datetime, *, only_sooner: bool = False
     ) -> bool:
         """Move a scheduled task (delayed, scheduled, or waiting for a retry) to `when`.
 
@@ -726,7 +728,7 @@ class TaskManager:
         else:
             wall, wait = False, seconds(when, "when", error=Unschedulable)
         with self._lock:
-            target: TaskHandler | Periodic | None = None
+            target: TaskHandler[Any] | Periodic | None = None
             if isinstance(task, TaskHandler):
                 if task._owner is not self:
                     raise ValueError(f"{task!r} belongs to another TaskManager")
@@ -747,14 +749,16 @@ class TaskManager:
                 target._due = now + (at - time.time()) if wall else deadline
             return moved
 
-    def pending(self) -> list[TaskHandler]:
+    def pending(self) -> list[TaskHandler[Any]]:
         """A snapshot of every task waiting to run: queued ones in queue order (then
         those held by a group limit or a key, and those kept while stopped), then
         scheduled ones in due order."""
         with self._lock:
-            seen: set[TaskHandler] = set()
-            out: list[TaskHandler] = []
-            queued: list[TaskHandler] = [] if self._queue is None else self._queue.snapshot_locked()
+            seen: set[TaskHandler[Any]] = set()
+            out: list[TaskHandler[Any]] = []
+            queued: list[TaskHandler[Any]] = (
+                [] if self._queue is None else self._queue.snapshot_locked()
+            )
             queued.extend(self._parked)
             queued.extend(self._kept)
             for handler in queued:
@@ -856,7 +860,7 @@ class TaskManager:
     def _emit_locked(
         self,
         kind: TaskEventKind,
-        handler: TaskHandler,
+        handler: TaskHandler[Any],
         error: BaseException | None = None,
         result: Any = None,
     ) -> None:
@@ -971,7 +975,9 @@ class TaskManager:
                 if self._events.wanted:
                     self._emit_locked(_Kind.COALESCED, slot.pending)
             else:
-                run = TaskHandler(self, periodic._fn, periodic._opts, periodic._name)
+                run: TaskHandler[Any] = TaskHandler(
+                    self, periodic._fn, periodic._opts, periodic._name
+                )
                 slot.pending = run
                 periodic._last = run
                 self._count_locked(run, _PENDING)
@@ -1010,7 +1016,7 @@ class TaskManager:
 
     # -- the scheduler's side ----------------------------------------------------
 
-    def _on_due(self, item: TaskHandler | Context | Periodic) -> None:
+    def _on_due(self, item: TaskHandler[Any] | Context | Periodic) -> None:
         """Called by the scheduler thread for each due item."""
         if isinstance(item, TaskHandler):
             with self._lock:
@@ -1061,7 +1067,7 @@ class TaskManager:
             # Reset before this worker may wait: an idle worker must not keep its last
             # task (its callbacks, future or result) alive, as CPython's executor does
             # not (bpo-16284).
-            handler: TaskHandler | None = None
+            handler: TaskHandler[Any] | None = None
             ctx: Context | None = None
             # Not `with`: acquire() and release() cost 40% less, and no KeyboardInterrupt
             # can land between acquire() and `try` here: signals go to the main thread.
@@ -1092,7 +1098,7 @@ class TaskManager:
             elif ctx is not None:
                 done = run(handler, ctx)
 
-    def _execute(self, handler: TaskHandler) -> None:
+    def _execute(self, handler: TaskHandler[Any]) -> None:
         """`TaskHandler.exec`: run one attempt in the calling thread."""
         with self._lock:
             ctx = self._begin_locked(handler)
@@ -1109,7 +1115,7 @@ class TaskManager:
             if done is not None:
                 self._announce(handler, ctx, extras)
 
-    def _begin_locked(self, handler: TaskHandler) -> Context | None:
+    def _begin_locked(self, handler: TaskHandler[Any]) -> Context | None:
         """Start an attempt of a pending `handler`: its context, or None to skip it.
 
         None too when a gate parks it. Returns `_PARENT_DONE`, leaving the handler
@@ -1146,7 +1152,7 @@ class TaskManager:
             self._emit_locked(_Kind.STARTED, handler)
         return ctx
 
-    def _pass_gates_locked(self, handler: TaskHandler, opts: Options) -> bool:
+    def _pass_gates_locked(self, handler: TaskHandler[Any], opts: Options) -> bool:
         """Check the task's key (or periodic) slot, then its group; park it if shut."""
         slot = self._slot_of(opts)
         if slot is not None and slot.running is not None and slot.running is not handler:
@@ -1167,18 +1173,20 @@ class TaskManager:
             return opts.periodic._slot
         return None if opts.key is None else self._keys.get(opts.key)
 
-    def _ungate_locked(self, handler: TaskHandler, *, final: bool) -> None:
+    def _ungate_locked(self, handler: TaskHandler[Any], *, final: bool) -> None:
         """An attempt of a gated task ended: free its group slot, and if the task
         ended for good, its key (or periodic) slot too."""
         opts = handler._opts
-        released: list[TaskHandler] = []
+        released: list[TaskHandler[Any]] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].finished())
         if final:
             self._slot_ended_locked(handler, released)
         self._release_locked(released)
 
-    def _slot_ended_locked(self, handler: TaskHandler, released: list[TaskHandler]) -> None:
+    def _slot_ended_locked(
+        self, handler: TaskHandler[Any], released: list[TaskHandler[Any]]
+    ) -> None:
         """`handler` will never run again (it ended, or was cancelled while it waited):
         let its key's parked instance go, and plan a fixed-delay periodic's next run
         (fixed-delay runs are planned from the end of the previous one, whether it
@@ -1201,7 +1209,7 @@ class TaskManager:
             self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
         self._forget_slot_locked(slot)
 
-    def _run(self, handler: TaskHandler, ctx: Context) -> _Success | None:
+    def _run(self, handler: TaskHandler[Any], ctx: Context) -> _Success | None:
         """Run the attempt `_begin_locked` started.
 
         A failure is handled here (retry or settle). A success is returned for the
@@ -1220,7 +1228,9 @@ class TaskManager:
             self._scheduler.cancel(ctx)
         return handler, ctx, value
 
-    def _succeed_locked(self, handler: TaskHandler, ctx: Context, value: Any) -> _Extras | None:
+    def _succeed_locked(
+        self, handler: TaskHandler[Any], ctx: Context, value: Any
+    ) -> _Extras | None:
         """Settle a success (the attempt ended); returns what `_announce` needs once
         the lock is released."""
         self._running.discard(handler)
@@ -1229,7 +1239,7 @@ class TaskManager:
         self._settle_locked(handler, _SUCCEEDED, value)
         return handler._extras
 
-    def _announce(self, handler: TaskHandler, ctx: Context, extras: _Extras | None) -> None:
+    def _announce(self, handler: TaskHandler[Any], ctx: Context, extras: _Extras | None) -> None:
         """After a success is settled and the lock released: log, wake, call back."""
         if ctx._parent is not None:
             ctx._detach()
@@ -1239,7 +1249,7 @@ class TaskManager:
         if extras is not None:
             handler._fire(extras)
 
-    def _attempt_failed(self, handler: TaskHandler, ctx: Context, exc: BaseException) -> None:
+    def _attempt_failed(self, handler: TaskHandler[Any], ctx: Context, exc: BaseException) -> None:
         opts = handler._opts
         parent = opts.context
         attempt = handler._attempts
@@ -1323,7 +1333,7 @@ class TaskManager:
             )
         handler._fire(extras)
 
-    def _task_error(self, handler: TaskHandler, last: Exception) -> TaskError:
+    def _task_error(self, handler: TaskHandler[Any], last: Exception) -> TaskError:
         """The final error of a task whose attempt just failed with `last`."""
         assert handler._submitted_at is not None
         return TaskError.build(
@@ -1335,13 +1345,13 @@ class TaskManager:
             task_name=handler.name,
         )
 
-    def _end_attempt_locked(self, handler: TaskHandler, ctx: Context) -> None:
+    def _end_attempt_locked(self, handler: TaskHandler[Any], ctx: Context) -> None:
         self._running.discard(handler)
         handler._ctx = None
         if ctx._deadline is not None:
             self._scheduler._cancel_locked(ctx)
 
-    def _settle_locked(self, handler: TaskHandler, state: TaskState, value: Any) -> None:
+    def _settle_locked(self, handler: TaskHandler[Any], state: TaskState, value: Any) -> None:
         """Finish `handler` (succeeded, failed or cancelled): the one place a handler
         settles. The caller then fires `handler._extras` once unlocked."""
         was = handler._state
@@ -1369,17 +1379,17 @@ class TaskManager:
                 result=value if state is TaskState.SUCCEEDED else None,
             )
 
-    def _forget_waiting_locked(self, handler: TaskHandler) -> None:
+    def _forget_waiting_locked(self, handler: TaskHandler[Any]) -> None:
         """A gated task that was waiting to run (not running) was cancelled."""
         opts = handler._opts
         self._parked.pop(handler, None)
-        released: list[TaskHandler] = []
+        released: list[TaskHandler[Any]] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].forget(handler))
         self._slot_ended_locked(handler, released)
         self._release_locked(released)
 
-    def _cancel(self, handler: TaskHandler) -> bool:
+    def _cancel(self, handler: TaskHandler[Any]) -> bool:
         """`TaskHandler.cancel`: see there."""
         with self._lock:
             state = handler._state

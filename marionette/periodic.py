@@ -155,7 +155,7 @@ class Periodic:
         self._opts: Options
         self._runs = 0
         self._coalesced = 0
-        self._last: TaskHandler | None = None
+        self._last: TaskHandler[Any] | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -179,7 +179,7 @@ class Periodic:
         return self._coalesced
 
     @property
-    def last(self) -> TaskHandler | None:
+    def last(self) -> TaskHandler[Any] | None:
         """The latest run's handler, or None before the first run is due."""
         return self._last
 

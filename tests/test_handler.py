@@ -387,6 +387,80 @@ def test_as_future_works_with_asyncio(tm: TaskManager) -> None:
     assert asyncio.run(main()) == "from a worker"
 
 
+# -- await ------------------------------------------------------------------------------
+
+
+def test_await_handler_gives_the_result(tm: TaskManager) -> None:
+    """`await handler` gives the task's result, finished or not when awaited."""
+
+    async def main() -> tuple[str, str]:
+        first = await tm.queue(ok)
+        handler = tm.queue(ok)
+        handler.result(WAIT)
+        return first, await handler
+
+    assert asyncio.run(main()) == ("ok", "ok")
+
+
+def test_await_handler_raises_what_result_raises(tm: TaskManager) -> None:
+    """A failed task raises its TaskError when awaited; a cancelled one the
+    concurrent.futures CancelledError (not the awaiter's own asyncio cancellation)."""
+    failed = tm.queue(fail)
+    cancelled = tm.delay(3600, ok)
+
+    async def main() -> None:
+        with pytest.raises(TaskError):
+            await failed
+        loop_task = asyncio.ensure_future(asyncio.wait_for(cancelled, WAIT))
+        await asyncio.sleep(0)  # the awaiter is waiting now
+        assert cancelled.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            await loop_task
+        assert not loop_task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_many_coroutines_await_many_handlers(tm: TaskManager) -> None:
+    """Hundreds of concurrent awaits, several on one handler, each get their result."""
+    shared = tm.queue(lambda ctx: "shared")
+    handlers = [tm.queue(lambda ctx, i=i: i) for i in range(200)]
+
+    async def main() -> tuple[list[int], list[str]]:
+        own = await asyncio.gather(*(asyncio.wait_for(h, WAIT) for h in handlers))
+        same = await asyncio.gather(*(asyncio.wait_for(shared, WAIT) for _ in range(50)))
+        return own, same
+
+    own, same = asyncio.run(main())
+    assert own == list(range(200))
+    assert same == ["shared"] * 50
+
+
+def test_an_awaiter_that_gives_up_leaves_the_task_alone(single: TaskManager) -> None:
+    """`asyncio.wait_for(handler, short)` times out, and a cancelled awaiter goes away,
+    but the task runs on and succeeds: only `cancel()` cancels a task."""
+    gate = Gate("done")
+    handler = single.queue(gate)
+    assert gate.started.wait(WAIT)
+    queued = single.queue(ok)
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handler, 0.01)
+        awaiting = asyncio.ensure_future(asyncio.wait_for(queued, WAIT))
+        await asyncio.sleep(0)
+        awaiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await awaiting
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.release.set()
+    assert handler.result(WAIT) == "done"
+    assert queued.result(WAIT) == "ok"
+
+
 def test_as_future_of_a_failed_task_carries_its_error(tm: TaskManager) -> None:
     """The future of a failed task holds the same `TaskError` as the handler."""
     handler = tm.queue(fail)
