@@ -7,6 +7,7 @@ Importing it starts no thread and reads no environment variable.
 from .config import Config
 from .context import Context
 from .errors import (
+    BackendUnavailable,
     Cancelled,
     ConfigError,
     DeadlineExceeded,
@@ -14,9 +15,11 @@ from .errors import (
     NoServerName,
     NoWorkers,
     QueueFull,
+    RemoteError,
     TaskError,
     TaskManagerStopped,
     Unschedulable,
+    WorkerLost,
 )
 from .events import TaskEvent, TaskEventKind
 from .handler import Task, TaskHandler, TaskState
@@ -26,6 +29,7 @@ from .scheduler import Scheduler
 from .stats import GroupStats, Stats
 
 __all__ = [
+    "BackendUnavailable",
     "Cancelled",
     "Config",
     "ConfigError",
@@ -37,6 +41,7 @@ __all__ = [
     "NoWorkers",
     "Periodic",
     "QueueFull",
+    "RemoteError",
     "Scheduler",
     "Stats",
     "Task",
@@ -48,4 +53,5 @@ __all__ = [
     "TaskManagerStopped",
     "TaskState",
     "Unschedulable",
+    "WorkerLost",
 ]

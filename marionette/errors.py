@@ -2,16 +2,19 @@
 
 Builtins are mixed in where the meaning matches, so callers can catch what they
 already know: `Unschedulable` and `ConfigError` are `ValueError`s, `DeadlineExceeded`
-is a `TimeoutError`, and `TaskError` is an `ExceptionGroup` of the attempt errors, so
-``except* OSError`` matches a task whose attempts failed with `OSError`.
+is a `TimeoutError`, `BackendUnavailable` is a `ConnectionError`, and `TaskError` is an
+`ExceptionGroup` of the attempt errors, so ``except* OSError`` matches a task whose
+attempts failed with `OSError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
+    "BackendUnavailable",
     "Cancelled",
     "ConfigError",
     "DeadlineExceeded",
@@ -19,9 +22,11 @@ __all__ = [
     "NoServerName",
     "NoWorkers",
     "QueueFull",
+    "RemoteError",
     "TaskError",
     "TaskManagerStopped",
     "Unschedulable",
+    "WorkerLost",
 ]
 
 
@@ -73,6 +78,91 @@ class DeadlineExceeded(MarionetteError, TimeoutError):
 
     def __init__(self, message: str = "context deadline exceeded") -> None:
         super().__init__(message)
+
+
+class BackendUnavailable(MarionetteError, ConnectionError):
+    """Redis could not be reached: at `start()`, or by a submission after retrying
+    for `lease` seconds.
+
+    `url` is the backend's URL with any password masked (this class masks it, so a
+    raiser cannot leak one), or None when a client object was configured; `waited` is
+    how long the raiser retried, in seconds, when it says. The raiser chains the last
+    connection error as ``__cause__`` (``raise BackendUnavailable(...) from exc``).
+    """
+
+    def __init__(self, url: str | None = None, *, waited: float | None = None) -> None:
+        self.url = None if url is None else mask_url(url)
+        self.waited = waited
+        message = (
+            f"Redis at {self.url} could not be reached"
+            if self.url
+            else "Redis could not be reached"
+        )
+        if waited is not None:
+            message += f" (retried for {waited:.1f}s)"
+        super().__init__(message)
+
+
+class WorkerLost(MarionetteError):
+    """An attempt was lost because the process running it died (killed, frozen, or
+    partitioned for longer than its lease).
+
+    `process` is the lost process's id, when known. A lost attempt counts in
+    `attempts` without using up a retry; a task that loses three attempts in a row
+    fails for good with this error.
+    """
+
+    def __init__(
+        self,
+        message: str = "the process running this attempt was lost",
+        *,
+        process: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.process = process
+
+
+class RemoteError(MarionetteError):
+    """An error raised by a task in another process, whose type cannot be rebuilt here.
+
+    Only builtin exceptions and marionette's own errors are rebuilt as themselves; any
+    other type arrives as this, never imported by name. `type_name` is the original
+    type's qualified name (``"app.billing.PaymentDeclined"``), `message` its text and
+    `traceback` the formatted traceback from the process that raised it.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(type_name, message, traceback)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, in the user part or a ``password=`` query argument
+    (redis-py reads both), replaced by ``***``; idempotent. For messages and logs."""
+    try:
+        parts = urlsplit(url)
+        secret = parts.password is not None
+        netloc = parts.netloc
+        if secret:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+        query = parts.query
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(name.lower() == "password" for name, _ in pairs):
+            secret = True
+            query = urlencode(
+                [(n, "***" if n.lower() == "password" else v) for n, v in pairs], safe="*"
+            )
+    except ValueError:
+        # urlsplit refuses some malformed URLs (a bad IPv6 host, a bad port); a URL
+        # that cannot be parsed cannot be shown safely either.
+        return "<unparsable url>"
+    return urlunsplit(parts._replace(netloc=netloc, query=query)) if secret else url
 
 
 def text(value: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from marionette import (
+    BackendUnavailable,
     Cancelled,
     ConfigError,
     DeadlineExceeded,
@@ -12,10 +13,13 @@ from marionette import (
     NoServerName,
     NoWorkers,
     QueueFull,
+    RemoteError,
     TaskError,
     TaskManagerStopped,
     Unschedulable,
+    WorkerLost,
 )
+from marionette.errors import mask_url
 
 SCALARS = (str, int, float, bool, type(None))
 
@@ -296,3 +300,106 @@ def test_except_star_does_not_match_other_types() -> None:
     assert [str(e) for e in info.value.exceptions] == ["a"]
     assert info.value.task_id == 42
     assert str(info.value) == str(err)
+
+
+# -- the errors of the Redis backend --------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [BackendUnavailable, WorkerLost, RemoteError])
+def test_redis_errors_derive_from_marionette_error(cls: type[BaseException]) -> None:
+    """The Redis backend's errors are `MarionetteError`s too."""
+    assert issubclass(cls, MarionetteError)
+
+
+def test_backend_unavailable_is_a_connection_error() -> None:
+    """``except ConnectionError`` (and ``OSError``) catches a `BackendUnavailable`."""
+    with pytest.raises(ConnectionError):
+        raise BackendUnavailable("redis://localhost:6379/0")
+    assert issubclass(BackendUnavailable, OSError)
+
+
+def test_backend_unavailable_message_is_built_from_its_fields() -> None:
+    """The message names the URL and the time spent retrying, both kept as attributes."""
+    err = BackendUnavailable("redis://localhost:6379/0", waited=10)
+    assert str(err) == "Redis at redis://localhost:6379/0 could not be reached (retried for 10.0s)"
+    assert err.url == "redis://localhost:6379/0"
+    assert err.waited == 10
+    assert err.errno is None
+
+
+def test_backend_unavailable_without_url() -> None:
+    """Without a URL (a client object was configured) the message says just "Redis"."""
+    err = BackendUnavailable()
+    assert str(err) == "Redis could not be reached"
+    assert err.url is None
+    assert err.waited is None
+
+
+def test_backend_unavailable_masks_the_password() -> None:
+    """A password in the URL never reaches the message or `.url`."""
+    err = BackendUnavailable("redis://alice:s3cret@cache:6379/0?password=other")
+    assert "s3cret" not in str(err)
+    assert "other" not in str(err)
+    assert err.url == "redis://alice:***@cache:6379/0?password=***"
+
+
+def test_backend_unavailable_keeps_the_cause_the_raiser_chains() -> None:
+    """``raise ... from exc`` keeps the connection error as ``__cause__``."""
+    cause = ConnectionRefusedError(111, "Connection refused")
+    with pytest.raises(BackendUnavailable) as info:
+        raise BackendUnavailable("redis://h") from cause
+    assert info.value.__cause__ is cause
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://user:p%40ss@h/2", "redis://user:***@h/2"),
+        ("redis://:p@ss@h/0", "redis://:***@h/0"),
+        ("unix://u:pw@/tmp/redis.sock?db=3", "unix://u:***@/tmp/redis.sock?db=3"),
+        ("redis://h/0?Password=pw&db=1", "redis://h/0?Password=***&db=1"),
+        ("redis://[::1", "<unparsable url>"),
+    ],
+)
+def test_mask_url_hides_every_password(url: str, masked: str) -> None:
+    """`mask_url` masks the user-part and query passwords, and is idempotent."""
+    assert mask_url(url) == masked
+    assert mask_url(masked) == masked
+
+
+def test_worker_lost_default_message_and_process() -> None:
+    """`WorkerLost()` has the documented message; `process` is kept, None by default."""
+    assert str(WorkerLost()) == "the process running this attempt was lost"
+    assert WorkerLost().process is None
+    err = WorkerLost(process="web-1:4242")
+    assert err.process == "web-1:4242"
+    assert str(err) == "the process running this attempt was lost"
+    assert str(WorkerLost("killed by the OOM killer")) == "killed by the OOM killer"
+
+
+def test_worker_lost_is_not_a_timeout_or_connection_error() -> None:
+    """A lost attempt is its own kind: not caught by ``except (TimeoutError, OSError)``."""
+    assert not issubclass(WorkerLost, (TimeoutError, OSError))
+
+
+def test_remote_error_keeps_type_message_and_traceback() -> None:
+    """`RemoteError` keeps the remote type's name, message and traceback text."""
+    err = RemoteError("app.billing.PaymentDeclined", "card 42", traceback="Traceback ...")
+    assert err.type_name == "app.billing.PaymentDeclined"
+    assert err.message == "card 42"
+    assert err.traceback == "Traceback ..."
+    assert str(err) == "app.billing.PaymentDeclined: card 42"
+    assert RemoteError("a.B", "m").traceback == ""
+
+
+def test_remote_error_without_message_reads_as_its_type_name() -> None:
+    """A remote error with an empty message reads as the type name alone."""
+    assert str(RemoteError("app.Empty", "")) == "app.Empty"
+
+
+def test_remote_error_in_a_task_error_message() -> None:
+    """A `TaskError` of a `RemoteError` names the remote type in its message."""
+    err = build([RemoteError("app.Declined", "card 42")])
+    assert str(err).endswith("failed after 1 attempt in 4.1s: RemoteError: app.Declined: card 42")

@@ -8,6 +8,7 @@ import sys
 import marionette
 
 EXPECTED = [
+    "BackendUnavailable",
     "Cancelled",
     "Config",
     "ConfigError",
@@ -19,6 +20,7 @@ EXPECTED = [
     "NoWorkers",
     "Periodic",
     "QueueFull",
+    "RemoteError",
     "Scheduler",
     "Stats",
     "Task",
@@ -30,6 +32,7 @@ EXPECTED = [
     "TaskManagerStopped",
     "TaskState",
     "Unschedulable",
+    "WorkerLost",
 ]
 
 
