@@ -21,15 +21,15 @@ import enum
 import random
 import time
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
 if TYPE_CHECKING:
-    from ._gates import Slot
+    from .backends.memory._gates import Slot
     from .handler import Options, TaskHandler
-    from .manager import TaskManager
+    from .scheduler import Scheduler
 
 __all__ = ["Periodic", "next_cron", "next_grid", "parse_cron", "parse_zone"]
 
@@ -111,6 +111,15 @@ def next_cron(expression: str, tz: tzinfo, after: datetime) -> datetime | None:
     return None
 
 
+class _Owner(Protocol):
+    """What a periodic needs from the manager that made it."""
+
+    _scheduler: Scheduler[Any]
+
+    def _periodic_stop(self, periodic: Periodic, state: _State) -> None: ...
+    def _periodic_resume(self, periodic: Periodic) -> None: ...
+
+
 class _State(enum.Enum):
     ACTIVE = "active"
     PAUSED = "paused"
@@ -126,7 +135,7 @@ class Periodic:
 
     def __init__(
         self,
-        owner: TaskManager,
+        owner: _Owner,
         fn: Any,
         name: str,
         *,

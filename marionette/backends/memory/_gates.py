@@ -10,10 +10,10 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
-from .handler import TaskHandler, TaskState
+from marionette.handler import TaskHandler, TaskState
 
 if TYPE_CHECKING:
-    from .periodic import Periodic
+    from marionette.periodic import Periodic
 
 __all__ = ["Group", "Slot"]
 

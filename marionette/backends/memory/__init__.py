@@ -1,0 +1,1 @@
+"""The in-memory backend: tasks, schedule and results live in this process."""
