@@ -1,4 +1,9 @@
-"""The bounded task queue of one run: a `queue.Queue` on the manager's lock."""
+"""The bounded task queue of one run: a `queue.Queue` on the manager's lock.
+
+Its items are whatever the backend queues for its workers (the in-memory backend:
+its handlers; the Redis backend: the tasks this process claimed), and ``None``, the
+stop signal.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import collections
 import queue
 import threading
 from typing import Any
-
-from .handler import TaskHandler
 
 __all__ = ["TaskQueue"]
 
@@ -17,13 +20,13 @@ class _Blocked:
 
     __slots__ = ("item", "placed", "ready")
 
-    def __init__(self, item: TaskHandler[Any], lock: threading.Lock) -> None:
+    def __init__(self, item: Any, lock: threading.Lock) -> None:
         self.item = item
         self.placed = False  # put in the queue (or taken out by a close) for it
         self.ready = threading.Condition(lock)
 
 
-class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
+class TaskQueue(queue.Queue[Any]):
     """The bounded task queue of one run: a `queue.Queue` on the manager's lock.
 
     Sharing the lock makes a submission, or a worker's take-and-start, a single
@@ -60,7 +63,7 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
         #: Producers waiting for room, first come first.
         self.blocked: collections.deque[_Blocked] = collections.deque()
 
-    def force_locked(self, item: TaskHandler[Any] | None) -> None:
+    def force_locked(self, item: Any) -> None:
         """Put, even past the bound: for the manager's own threads and stop signals.
 
         `TaskManager.queue` inlines this (and `has_room_locked`): keep them in step.
@@ -70,7 +73,7 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
             self._waking = 1
             self.not_empty.notify()
 
-    def take_locked(self) -> TaskHandler[Any] | None:
+    def take_locked(self) -> Any:
         """Wait for the next item: a task, or None for "leave"."""
         items = self.queue
         while not items:
@@ -81,7 +84,7 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
                 self._takers -= 1
                 if self._waking:
                     self._waking -= 1
-        item: TaskHandler[Any] | None = items.popleft()
+        item: Any = items.popleft()
         if items and self._takers > self._waking == 0:
             self._waking = 1  # more to do: pass the wake-up on
             self.not_empty.notify()
@@ -99,7 +102,7 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
                 waiter.ready.notify()
         return item
 
-    def push_front_locked(self, items: list[TaskHandler[Any]]) -> None:
+    def push_front_locked(self, items: list[Any]) -> None:
         """Put `items`, in order, ahead of everything: tasks a gate just released
         (they waited already, and must run before the stop signals)."""
         self.queue.extendleft(reversed(items))
@@ -107,14 +110,14 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
             self._waking = 1
             self.not_empty.notify()
 
-    def snapshot_locked(self) -> list[TaskHandler[Any]]:
+    def snapshot_locked(self) -> list[Any]:
         return [item for item in self.queue if item is not None]
 
     def has_room_locked(self) -> bool:
         """Room for a producer: under the bound, and nobody waiting before it."""
         return len(self.queue) < self.maxsize and not self.blocked
 
-    def put_blocking(self, item: TaskHandler[Any]) -> bool:
+    def put_blocking(self, item: Any) -> bool:
         """Wait for room and put `item`. True once it is in the queue or among the
         tasks `close_locked` returned; False, with nothing done, if the queue was
         closed already.
@@ -140,7 +143,7 @@ class TaskQueue(queue.Queue[TaskHandler[Any] | None]):
                     self.force_locked(item)
             return True
 
-    def close_locked(self, sentinels: int) -> list[TaskHandler[Any]]:
+    def close_locked(self, sentinels: int) -> list[Any]:
         """Take every task out (the blocked producers' too), leave `sentinels` stop
         signals, and refuse further puts."""
         self.closed = True

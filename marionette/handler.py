@@ -18,7 +18,6 @@ import concurrent.futures
 import enum
 import functools
 import math
-import threading
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,15 +35,11 @@ from typing import (
 
 import tenacity
 
-from ._time import monotonic_to_utc, seconds
+from ._time import seconds
 from .context import Context
-from .errors import describe
-from .scheduler import next_sequence
 
 if TYPE_CHECKING:
-    from ._log import Log
     from .periodic import Periodic
-    from .scheduler import Scheduler
 
 __all__ = ["Task", "TaskHandler", "TaskState"]
 
@@ -66,7 +61,7 @@ class TaskState(enum.Enum):
 
 
 _PENDING = TaskState.PENDING  # a global: an enum attribute lookup costs ~100 ns
-_FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
 
 @runtime_checkable
@@ -74,17 +69,6 @@ class Task(Protocol[T_co]):
     """An object task: `do(ctx)` runs one attempt; its return value is the result."""
 
     def do(self, ctx: Context) -> T_co: ...
-
-
-class _Owner(Protocol):
-    """What a handler needs from the manager that made it."""
-
-    _lock: threading.Lock
-    _log: Log
-    _scheduler: Scheduler[Any]
-
-    def _cancel(self, handler: TaskHandler[Any]) -> bool: ...
-    def _execute(self, handler: TaskHandler[Any]) -> None: ...
 
 
 # -- options ---------------------------------------------------------------------
@@ -269,27 +253,6 @@ def default_name(task: object) -> str:
 # -- the handler -----------------------------------------------------------------
 
 
-class _Extras:
-    """The part of a handler that most never need, made on first need.
-
-    Made and changed under the owner's lock only; once the handler is finished,
-    `waiter` never changes again, and `callbacks` only once more: the thread that
-    fires them drops the list (the callbacks and what they hold, a future say,
-    would otherwise live as long as the handler).
-    """
-
-    __slots__ = ("callbacks", "cancelling", "errors", "futures", "waiter")
-
-    def __init__(self) -> None:
-        self.waiter: threading.Event | None = None
-        self.callbacks: list[Callable[[TaskHandler[Any]], object]] | None = None
-        self.errors: list[BaseException] | None = None
-        #: Futures from `as_future` still to be marked running by the first attempt.
-        self.futures: list[concurrent.futures.Future[Any]] | None = None
-        #: cancel() was called while an attempt ran: do not retry it.
-        self.cancelling = False
-
-
 class TaskHandler(Generic[T]):
     """One submission of a task: its state, result, attempts, and the Future API.
 
@@ -297,55 +260,25 @@ class TaskHandler(Generic[T]):
     `exception()` block (with an optional timeout); everything else returns at once.
     Generic in the task's result: a task ``fn(ctx) -> T`` gives a ``TaskHandler[T]``.
     ``await handler`` waits without blocking the event loop (see `__await__`).
+
+    Each backend has its own kind (the in-memory one keeps the state in the object,
+    the Redis one in Redis); this class is their common face (as asyncio's
+    AbstractEventLoop, it raises NotImplementedError where a backend implements).
     """
 
-    __slots__ = (
-        "__weakref__",  # for weak maps of handlers, and for tests that it is let go
-        "_attempts",
-        "_ctx",
-        "_due",
-        "_extras",
-        "_fn",
-        "_name",
-        "_opts",
-        "_owner",
-        "_state",
-        "_submitted_at",
-        "_value",
-        "id",
-    )
+    __slots__ = ("__weakref__",)  # weak maps of handlers; tests that one is let go
 
-    def __init__(
-        self, owner: _Owner, fn: Callable[[Context], Any], opts: Options, name: str | None
-    ) -> None:
-        #: Unique in the process, increasing with creation time.
-        self.id: int = next_sequence()
-        self._owner = owner
-        self._fn = fn
-        self._opts = opts
-        self._name = name
-        self._state = _PENDING
-        self._attempts = 0
-        self._value: Any = None
-        self._ctx: Context | None = None
-        self._extras: _Extras | None = None
-        self._submitted_at: float | None = None
-        # While it waits: the time.monotonic() at which it is or was due.
-        self._due = 0.0
-
-    # -- reading ---------------------------------------------------------------
+    #: Unique (in the process, or on Redis in the cluster), increasing with submission.
+    id: int
 
     @property
     def name(self) -> str:
         """The task's label in logs: the ``name=`` option, else `default_name`."""
-        name = self._name
-        if name is None:  # a plain callable: named on first use, off the hot path
-            name = self._name = default_name(self._fn)
-        return name
+        raise NotImplementedError
 
     @property
     def state(self) -> TaskState:
-        return self._state
+        raise NotImplementedError
 
     @property
     def due(self) -> datetime | None:
@@ -353,59 +286,28 @@ class TaskHandler(Generic[T]):
 
         None too for a handler that was wrapped and never submitted.
         """
-        state = self._state
-        if state is TaskState.SCHEDULED:
-            at = self._owner._scheduler.due(self)
-            if at is not None:
-                return at
-        elif state is not TaskState.PENDING or self._submitted_at is None:
-            return None
-        return monotonic_to_utc(self._due)
+        raise NotImplementedError
 
     @property
     def attempts(self) -> int:
         """Attempts started so far."""
-        return self._attempts
+        raise NotImplementedError
 
     @property
     def errors(self) -> tuple[BaseException, ...]:
         """One error per failed attempt, oldest first."""
-        extras = self._extras
-        return () if extras is None or extras.errors is None else tuple(extras.errors)
+        raise NotImplementedError
 
     def done(self) -> bool:
         """True once the task succeeded, failed for good, or was cancelled."""
-        return self._state in _FINISHED
+        return self.state in FINISHED
 
     def running(self) -> bool:
         """True while an attempt runs (not while waiting for a retry)."""
-        return self._state is TaskState.RUNNING
+        return self.state is TaskState.RUNNING
 
     def cancelled(self) -> bool:
-        return self._state is TaskState.CANCELLED
-
-    def _extras_locked(self) -> _Extras:
-        """`_extras`, made if need be. Call with the owner's lock held."""
-        extras = self._extras
-        if extras is None:
-            extras = self._extras = _Extras()
-        return extras
-
-    # -- waiting ---------------------------------------------------------------
-
-    def _wait(self, timeout: float | None) -> None:
-        if self._state in _FINISHED:
-            return
-        limit = None if timeout is None else min(seconds(timeout, "timeout"), threading.TIMEOUT_MAX)
-        with self._owner._lock:
-            if self._state in _FINISHED:
-                return
-            extras = self._extras_locked()
-            waiter = extras.waiter
-            if waiter is None:
-                waiter = extras.waiter = threading.Event()
-        if not waiter.wait(limit) and self._state not in _FINISHED:
-            raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
+        return self.state is TaskState.CANCELLED
 
     def result(self, timeout: float | None = None) -> T:
         """The task's return value, waiting up to `timeout` seconds for it.
@@ -414,24 +316,14 @@ class TaskHandler(Generic[T]):
         that failed for good (or the `BaseException` that ended it), and
         `concurrent.futures.CancelledError` if it was cancelled.
         """
-        self._wait(timeout)
-        state = self._state
-        if state is TaskState.SUCCEEDED:
-            return self._value  # type: ignore[no-any-return]
-        if state is TaskState.CANCELLED:
-            raise concurrent.futures.CancelledError()
-        raise self._value
+        raise NotImplementedError
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The final error (None on success), waiting up to `timeout` seconds.
 
         Raises `TimeoutError` and `concurrent.futures.CancelledError` as `result` does.
         """
-        self._wait(timeout)
-        state = self._state
-        if state is TaskState.CANCELLED:
-            raise concurrent.futures.CancelledError()
-        return self._value if state is TaskState.FAILED else None
+        raise NotImplementedError
 
     def add_done_callback(self, fn: Callable[[TaskHandler[T]], object]) -> None:
         """Call `fn(handler)` once the task is done; at once if it already is.
@@ -440,91 +332,30 @@ class TaskHandler(Generic[T]):
         with no lock held, in the order they were added. One that raises is logged
         and does not stop the others.
         """
-        if not callable(fn):
-            raise TypeError(f"a done callback must be callable, not {fn!r}")
-        with self._owner._lock:
-            if self._state not in _FINISHED:
-                extras = self._extras_locked()
-                if extras.callbacks is None:
-                    extras.callbacks = []
-                extras.callbacks.append(fn)
-                return
-        self._run_callback(fn)
-
-    def _fire(self, extras: _Extras | None) -> None:
-        """Wake the waiters and run the callbacks of a handler that just finished.
-
-        Called once, by the thread that settled the handler, after the lock is
-        released, with the `_extras` it read while settling.
-        """
-        if extras is None:
-            return
-        if extras.waiter is not None:
-            extras.waiter.set()
-        callbacks, extras.callbacks = extras.callbacks, None  # they hold the handler
-        if callbacks:
-            for fn in callbacks:
-                self._run_callback(fn)
-
-    def _run_callback(self, fn: Callable[[TaskHandler[T]], object]) -> None:
-        try:
-            fn(self)
-        except BaseException as exc:  # as concurrent.futures: log, never raise
-            self._owner._log.error(
-                "done callback raised", task_id=self.id, task=self.name, error=describe(exc)
-            )
+        raise NotImplementedError
 
     def as_future(self) -> concurrent.futures.Future[T]:
         """A new `concurrent.futures.Future` that settles when this handler does.
 
-        For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`. It
-        is RUNNING from the start of the task's first attempt, so, as with an
-        executor's future, `cancel()` succeeds (and cancels the task) only before
-        that; cancelling it afterwards returns False. A future cancelled by its
-        holder is reported done by `wait` and `as_completed` at once.
+        For `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`.
+        Cancelling it before the task starts cancels the task; a future cancelled by
+        its holder is reported done by `wait` and `as_completed` at once.
         """
-        return self._future(linked=True)
+        raise NotImplementedError
 
-    def _future(self, *, linked: bool) -> concurrent.futures.Future[T]:
-        """`as_future`; with `linked` false, cancelling the future leaves the task alone
-        (for `await`, whose awaiter may give up without cancelling the task)."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._owner._lock:
-            state = self._state
-            if state not in _FINISHED:
-                if self._attempts == 0 and state in (TaskState.PENDING, TaskState.SCHEDULED):
-                    # Pending: whoever takes it out of `futures` under the lock (the first
-                    # attempt, or its holder's cancel) calls set_running_or_notify_cancel.
-                    extras = self._extras_locked()
-                    if extras.futures is None:
-                        extras.futures = []
-                    extras.futures.append(future)
-                else:
-                    future.set_running_or_notify_cancel()
-        if state is TaskState.CANCELLED:
-            future.cancel()
-            future.set_running_or_notify_cancel()
-            return future
-        if state in _FINISHED:
-            _settle_future(future, self)
-            return future
+    def cancel(self) -> bool:
+        """Cancel the task; True if it will never run (again), False otherwise.
 
-        def propagate(f: concurrent.futures.Future[T]) -> None:
-            if not f.cancelled():
-                return
-            with self._owner._lock:
-                extras = self._extras
-                mine = extras is not None and extras.futures is not None and f in extras.futures
-                if mine:
-                    extras.futures.remove(f)  # type: ignore[union-attr]
-            if mine:
-                f.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: wait() sees it
-            if linked:
-                self.cancel()
+        A queued, delayed, scheduled or retry-waiting task is removed and never runs:
+        True (also when it was already cancelled). A running task has its context
+        cancelled and is not retried: False; it ends CANCELLED if that attempt
+        raises, SUCCEEDED if it returns anyway. A finished task: False.
+        """
+        raise NotImplementedError
 
-        future.add_done_callback(propagate)
-        self.add_done_callback(lambda handler: _settle_future(future, handler))
-        return future
+    def exec(self) -> None:
+        """Run one attempt now, in the calling thread: what a worker does."""
+        raise NotImplementedError
 
     def __await__(self) -> Generator[Any, None, T]:
         """``await handler``: the result, or what `result()` raises, without blocking
@@ -537,7 +368,7 @@ class TaskHandler(Generic[T]):
         `asyncio.wrap_future`, which would cancel the task with its awaiter and turn
         a cancelled task into the awaiter's own `asyncio.CancelledError`.
         """
-        if self._state not in _FINISHED:
+        if not self.done():
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
 
@@ -551,40 +382,6 @@ class TaskHandler(Generic[T]):
             yield from waiter.__await__()
         return self.result(0)
 
-    def _start_futures_locked(self) -> bool:
-        """Mark the futures of `as_future` running as the first attempt starts;
-        False if one was cancelled meanwhile (its callback cancels the task)."""
-        extras = self._extras
-        if extras is None or extras.futures is None:
-            return True
-        futures, extras.futures = extras.futures, None
-        started = [f.set_running_or_notify_cancel() for f in futures]
-        return all(started)
-
-    # -- acting ----------------------------------------------------------------
-
-    def cancel(self) -> bool:
-        """Cancel the task; True if it will never run (again), False otherwise.
-
-        A queued, delayed, scheduled or retry-waiting task is removed and never runs:
-        True (also when it was already cancelled). A running task has its context
-        cancelled and is not retried: False; it ends CANCELLED if that attempt
-        raises, SUCCEEDED if it returns anyway. A finished task: False.
-        """
-        return self._owner._cancel(self)
-
-    def exec(self) -> None:
-        """Run one attempt now, in the calling thread: what a worker does.
-
-        Does nothing unless the task is pending (a cancelled, running or finished
-        task is left alone). A failure with retries left goes to the scheduler.
-        """
-        self._owner._execute(self)
-
-    def _parent_done(self, ctx: Context) -> None:
-        """The ``context=`` option's context ended: the task is cancelled with it."""
-        self.cancel()
-
     def do(self, ctx: Never) -> NoReturn:
         """Always raises `TypeError`: a handler is submitted, never wrapped again.
 
@@ -597,7 +394,7 @@ class TaskHandler(Generic[T]):
         return self.name
 
     def __repr__(self) -> str:
-        return f"<TaskHandler #{self.id} {self.name} {self._state.name}>"
+        return f"<TaskHandler #{self.id} {self.name} {self.state.name}>"
 
 
 #: What a submission takes: a callable ``fn(ctx)``, a `Task` object, or a handler
@@ -609,20 +406,3 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
     """Wake an awaiter (in its loop's thread), unless it gave up meanwhile."""
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _settle_future(future: concurrent.futures.Future[T], handler: TaskHandler[T]) -> None:
-    """Give `future` the outcome of the finished `handler` (unless it has one)."""
-    if future.done():
-        return
-    state = handler._state
-    if state is TaskState.CANCELLED:
-        if not future.cancel():  # already running: report the cancellation as its outcome
-            future.set_exception(concurrent.futures.CancelledError())
-        return  # a pending future: its propagate callback notified its waiters
-    if not future.running() and not future.set_running_or_notify_cancel():
-        return
-    if state is TaskState.SUCCEEDED:
-        future.set_result(handler._value)
-    else:
-        future.set_exception(handler._value)

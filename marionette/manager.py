@@ -324,7 +324,7 @@ class TaskManager:
             for _ in range(workers):
                 q.force_locked(None)
 
-    def _keep_locked(self, leftover: list[TaskHandler[Any]], current: bool) -> None:
+    def _keep_locked(self, leftover: list[Any], current: bool) -> None:
         """Tasks still queued when a stop ended (it timed out); `current` is False
         when a task started a new run meanwhile."""
         return

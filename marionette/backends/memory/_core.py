@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from marionette._queue import TaskQueue
+from marionette.backends.memory.handler import MemoryHandler
 from marionette.config import Config
 from marionette.context import Context
 from marionette.events import TaskEventKind
-from marionette.handler import Options, TaskHandler, TaskState, default_name, parse_options
+from marionette.handler import Options, TaskState, default_name, parse_options
 from marionette.manager import TaskManager
 
 from ._gates import Group, Slot
@@ -58,12 +59,12 @@ class MemoryCore(TaskManager):
         config = self._config
         # Pending tasks between runs (queued when a stop timed out, or due while
         # stopped); start() queues them first.
-        self._kept: collections.deque[TaskHandler[Any]] = collections.deque()
-        self._running: set[TaskHandler[Any]] = set()
+        self._kept: collections.deque[MemoryHandler[Any]] = collections.deque()
+        self._running: set[MemoryHandler[Any]] = set()
         self._keys: dict[str, Slot] = {}
         # Tasks a gate holds (their key's other instance runs, or their group is
         # full), in the order they were held; released to the front of the queue.
-        self._parked: dict[TaskHandler[Any], None] = {}
+        self._parked: dict[MemoryHandler[Any], None] = {}
         self._groups = {name: Group(name, n) for name, n in config.limits.items()}
         self._active = 0  # submitted and not finished: what join() waits for
         self._scheduled = 0  # of those, waiting in the scheduler
@@ -80,7 +81,7 @@ class MemoryCore(TaskManager):
             if handler._state is _PENDING:
                 q.force_locked(handler)
 
-    def _keep_locked(self, leftover: list[TaskHandler[Any]], current: bool) -> None:
+    def _keep_locked(self, leftover: list[Any], current: bool) -> None:
         for handler in leftover:
             if handler._state is not _PENDING:
                 continue
@@ -108,7 +109,7 @@ class MemoryCore(TaskManager):
             name = default_name(task)
         return fn, options, name
 
-    def _count_locked(self, handler: TaskHandler[Any], state: TaskState) -> None:
+    def _count_locked(self, handler: MemoryHandler[Any], state: TaskState) -> None:
         handler._due = handler._submitted_at = time.monotonic()
         handler._state = state
         self._active += 1
@@ -119,7 +120,7 @@ class MemoryCore(TaskManager):
         if self._events.wanted:
             self._emit_locked(_Kind.SUBMITTED, handler)
 
-    def _after_submit(self, handler: TaskHandler[Any]) -> None:
+    def _after_submit(self, handler: MemoryHandler[Any]) -> None:
         """After a submission, with no lock held: a task whose ``context=`` is
         already done is cancelled; a submitter waits while listeners lag far behind."""
         parent = handler._opts.context
@@ -128,7 +129,7 @@ class MemoryCore(TaskManager):
         if self._events.wanted and self._events.over():
             self._events.wait_for_room()
 
-    def _enqueue_locked(self, handler: TaskHandler[Any]) -> None:
+    def _enqueue_locked(self, handler: MemoryHandler[Any]) -> None:
         """Queue a due task from inside the manager: never blocks, never lost."""
         q = self._queue
         if q is None or q.closed:
@@ -136,7 +137,7 @@ class MemoryCore(TaskManager):
         else:
             q.force_locked(handler)
 
-    def _release_locked(self, handlers: list[TaskHandler[Any]]) -> None:
+    def _release_locked(self, handlers: list[MemoryHandler[Any]]) -> None:
         """Tasks a gate let through: they go first, ahead of the stop signals."""
         if not handlers:
             return

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
-from marionette.handler import TaskHandler, TaskState
+from marionette.backends.memory.handler import MemoryHandler
+from marionette.handler import TaskState
 
 if TYPE_CHECKING:
     from marionette.periodic import Periodic
@@ -31,12 +32,12 @@ class Slot:
 
     def __init__(self, key: str | None) -> None:
         self.key = key
-        self.pending: TaskHandler[Any] | None = None
-        self.running: TaskHandler[Any] | None = None
+        self.pending: MemoryHandler[Any] | None = None
+        self.running: MemoryHandler[Any] | None = None
         self.parked = False  # `pending` waits here for `running` to end
         self.periodic: Periodic | None = None
 
-    def admit(self, handler: TaskHandler[Any]) -> bool:
+    def admit(self, handler: MemoryHandler[Any]) -> bool:
         """May `handler` start now? If not, it is parked until `running` ends."""
         if self.running is not None and self.running is not handler:
             self.parked = True
@@ -46,7 +47,7 @@ class Slot:
         self.running = handler
         return True
 
-    def ended(self, handler: TaskHandler[Any]) -> TaskHandler[Any] | None:
+    def ended(self, handler: MemoryHandler[Any]) -> MemoryHandler[Any] | None:
         """`handler` ended for good (or was cancelled): the parked task to release."""
         if self.pending is handler:
             self.pending = None
@@ -78,10 +79,10 @@ class Group:
         self.name = name
         self.limit = limit
         self.running = 0
-        self.waiting: collections.deque[TaskHandler[Any]] = collections.deque()
-        self.reserved: set[TaskHandler[Any]] = set()
+        self.waiting: collections.deque[MemoryHandler[Any]] = collections.deque()
+        self.reserved: set[MemoryHandler[Any]] = set()
 
-    def admit(self, handler: TaskHandler[Any]) -> bool:
+    def admit(self, handler: MemoryHandler[Any]) -> bool:
         """Take a slot for `handler`, or park it (False) until one frees."""
         if handler in self.reserved:
             self.reserved.discard(handler)
@@ -97,12 +98,12 @@ class Group:
         self.waiting.append(handler)
         return False
 
-    def finished(self) -> list[TaskHandler[Any]]:
+    def finished(self) -> list[MemoryHandler[Any]]:
         """A running task gave its slot back: the waiting tasks to release."""
         self.running -= 1
         return self._release()
 
-    def forget(self, handler: TaskHandler[Any]) -> list[TaskHandler[Any]]:
+    def forget(self, handler: MemoryHandler[Any]) -> list[MemoryHandler[Any]]:
         """A pending task of the group was cancelled: drop it, free its reservation."""
         if handler in self.reserved:
             self.reserved.discard(handler)
@@ -114,12 +115,12 @@ class Group:
             pass
         return []
 
-    def set_limit(self, limit: int) -> list[TaskHandler[Any]]:
+    def set_limit(self, limit: int) -> list[MemoryHandler[Any]]:
         """Change the limit: the waiting tasks a higher limit lets start now."""
         self.limit = limit
         return self._release()
 
-    def _release(self) -> list[TaskHandler[Any]]:
+    def _release(self) -> list[MemoryHandler[Any]]:
         released = []
         while self.waiting and self.running < self.limit:
             handler = self.waiting.popleft()

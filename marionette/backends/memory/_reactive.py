@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from marionette._time import aware, seconds
+from marionette.backends.memory.handler import MemoryHandler
 from marionette.errors import TaskManagerStopped, Unschedulable
 from marionette.events import TaskEventKind
-from marionette.handler import Options, TaskHandler, TaskState, default_name
+from marionette.handler import Options, TaskState, default_name
 from marionette.manager import Lifecycle
 from marionette.periodic import Periodic, parse_cron, parse_zone
 from marionette.periodic import _State as _PeriodicState
@@ -162,7 +163,7 @@ class Reactive(MemoryCore):
 
     # -- keys and gates ----------------------------------------------------------
 
-    def _claim_key_locked(self, handler: TaskHandler[Any]) -> TaskHandler[Any] | None:
+    def _claim_key_locked(self, handler: MemoryHandler[Any]) -> MemoryHandler[Any] | None:
         """Make `handler` its key's pending instance, or return the one there is."""
         key = handler._opts.key
         assert key is not None
@@ -176,7 +177,7 @@ class Reactive(MemoryCore):
         slot.pending = handler
         return None
 
-    def _unclaim_key_locked(self, handler: TaskHandler[Any]) -> None:
+    def _unclaim_key_locked(self, handler: MemoryHandler[Any]) -> None:
         """Undo `_claim_key_locked` for a submission that did not happen."""
         key = handler._opts.key
         if key is not None:
@@ -184,7 +185,7 @@ class Reactive(MemoryCore):
             slot.ended(handler)
             self._forget_slot_locked(slot)
 
-    def _pass_gates_locked(self, handler: TaskHandler[Any], opts: Options) -> bool:
+    def _pass_gates_locked(self, handler: MemoryHandler[Any], opts: Options) -> bool:
         """Check the task's key (or periodic) slot, then its group; park it if shut."""
         slot = self._slot_of(opts)
         if slot is not None and slot.running is not None and slot.running is not handler:
@@ -205,11 +206,11 @@ class Reactive(MemoryCore):
             return opts.periodic._slot
         return None if opts.key is None else self._keys.get(opts.key)
 
-    def _ungate_locked(self, handler: TaskHandler[Any], *, final: bool) -> None:
+    def _ungate_locked(self, handler: MemoryHandler[Any], *, final: bool) -> None:
         """An attempt of a gated task ended: free its group slot, and if the task
         ended for good, its key (or periodic) slot too."""
         opts = handler._opts
-        released: list[TaskHandler[Any]] = []
+        released: list[MemoryHandler[Any]] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].finished())
         if final:
@@ -217,7 +218,7 @@ class Reactive(MemoryCore):
         self._release_locked(released)
 
     def _slot_ended_locked(
-        self, handler: TaskHandler[Any], released: list[TaskHandler[Any]]
+        self, handler: MemoryHandler[Any], released: list[MemoryHandler[Any]]
     ) -> None:
         """`handler` will never run again (it ended, or was cancelled while it waited):
         let its key's parked instance go, and plan a fixed-delay periodic's next run
@@ -241,11 +242,11 @@ class Reactive(MemoryCore):
             self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
         self._forget_slot_locked(slot)
 
-    def _forget_waiting_locked(self, handler: TaskHandler[Any]) -> None:
+    def _forget_waiting_locked(self, handler: MemoryHandler[Any]) -> None:
         """A gated task that was waiting to run (not running) was cancelled."""
         opts = handler._opts
         self._parked.pop(handler, None)
-        released: list[TaskHandler[Any]] = []
+        released: list[MemoryHandler[Any]] = []
         if opts.group is not None:
             released.extend(self._groups[opts.group].forget(handler))
         self._slot_ended_locked(handler, released)

@@ -17,10 +17,11 @@ from typing import Any
 from marionette import _threads
 from marionette._log import DEBUG
 from marionette._queue import TaskQueue
+from marionette.backends.memory.handler import MemoryHandler, _Extras
 from marionette.context import Context, attempt_context
 from marionette.errors import Cancelled, DeadlineExceeded, TaskError, describe
 from marionette.events import TaskEventKind
-from marionette.handler import TaskHandler, TaskState, _Extras, retry_delay
+from marionette.handler import TaskState, retry_delay
 
 from ._reactive import Reactive
 
@@ -41,7 +42,7 @@ _SETTLED = {
 PARENT_DONE = Context()
 
 # An attempt that returned a value: (handler, its attempt's context, the value).
-_Success = tuple[TaskHandler[Any], Context, Any]
+_Success = tuple[MemoryHandler[Any], Context, Any]
 
 
 class Workers(Reactive):
@@ -72,7 +73,7 @@ class Workers(Reactive):
             # Reset before this worker may wait: an idle worker must not keep its last
             # task (its callbacks, future or result) alive, as CPython's executor does
             # not (bpo-16284).
-            handler: TaskHandler[Any] | None = None
+            handler: MemoryHandler[Any] | None = None
             ctx: Context | None = None
             # Not `with`: acquire() and release() cost 40% less, and no KeyboardInterrupt
             # can land between acquire() and `try` here: signals go to the main thread.
@@ -103,7 +104,7 @@ class Workers(Reactive):
             elif ctx is not None:
                 done = run(handler, ctx)
 
-    def _execute(self, handler: TaskHandler[Any]) -> None:
+    def _execute(self, handler: MemoryHandler[Any]) -> None:
         """`TaskHandler.exec`: run one attempt in the calling thread."""
         with self._lock:
             ctx = self._begin_locked(handler)
@@ -120,7 +121,7 @@ class Workers(Reactive):
             if done is not None:
                 self._announce(handler, ctx, extras)
 
-    def _begin_locked(self, handler: TaskHandler[Any]) -> Context | None:
+    def _begin_locked(self, handler: MemoryHandler[Any]) -> Context | None:
         """Start an attempt of a pending `handler`: its context, or None to skip it.
 
         None too when a gate parks it. Returns `PARENT_DONE`, leaving the handler
@@ -157,7 +158,7 @@ class Workers(Reactive):
             self._emit_locked(_Kind.STARTED, handler)
         return ctx
 
-    def _run(self, handler: TaskHandler[Any], ctx: Context) -> _Success | None:
+    def _run(self, handler: MemoryHandler[Any], ctx: Context) -> _Success | None:
         """Run the attempt `_begin_locked` started.
 
         A failure is handled here (retry or settle). A success is returned for the
@@ -177,7 +178,7 @@ class Workers(Reactive):
         return handler, ctx, value
 
     def _succeed_locked(
-        self, handler: TaskHandler[Any], ctx: Context, value: Any
+        self, handler: MemoryHandler[Any], ctx: Context, value: Any
     ) -> _Extras | None:
         """Settle a success (the attempt ended); returns what `_announce` needs once
         the lock is released."""
@@ -187,7 +188,7 @@ class Workers(Reactive):
         self._settle_locked(handler, _SUCCEEDED, value)
         return handler._extras
 
-    def _announce(self, handler: TaskHandler[Any], ctx: Context, extras: _Extras | None) -> None:
+    def _announce(self, handler: MemoryHandler[Any], ctx: Context, extras: _Extras | None) -> None:
         """After a success is settled and the lock released: log, wake, call back."""
         if ctx._parent is not None:
             ctx._detach()
@@ -197,7 +198,9 @@ class Workers(Reactive):
         if extras is not None:
             handler._fire(extras)
 
-    def _attempt_failed(self, handler: TaskHandler[Any], ctx: Context, exc: BaseException) -> None:
+    def _attempt_failed(
+        self, handler: MemoryHandler[Any], ctx: Context, exc: BaseException
+    ) -> None:
         opts = handler._opts
         parent = opts.context
         attempt = handler._attempts
@@ -281,7 +284,7 @@ class Workers(Reactive):
             )
         handler._fire(extras)
 
-    def _task_error(self, handler: TaskHandler[Any], last: Exception) -> TaskError:
+    def _task_error(self, handler: MemoryHandler[Any], last: Exception) -> TaskError:
         """The final error of a task whose attempt just failed with `last`."""
         assert handler._submitted_at is not None
         return TaskError.build(
@@ -293,13 +296,13 @@ class Workers(Reactive):
             task_name=handler.name,
         )
 
-    def _end_attempt_locked(self, handler: TaskHandler[Any], ctx: Context) -> None:
+    def _end_attempt_locked(self, handler: MemoryHandler[Any], ctx: Context) -> None:
         self._running.discard(handler)
         handler._ctx = None
         if ctx._deadline is not None:
             self._scheduler._cancel_locked(ctx)
 
-    def _settle_locked(self, handler: TaskHandler[Any], state: TaskState, value: Any) -> None:
+    def _settle_locked(self, handler: MemoryHandler[Any], state: TaskState, value: Any) -> None:
         """Finish `handler` (succeeded, failed or cancelled): the one place a handler
         settles. The caller then fires `handler._extras` once unlocked."""
         was = handler._state
@@ -327,7 +330,7 @@ class Workers(Reactive):
                 result=value if state is TaskState.SUCCEEDED else None,
             )
 
-    def _cancel(self, handler: TaskHandler[Any]) -> bool:
+    def _cancel(self, handler: MemoryHandler[Any]) -> bool:
         """`TaskHandler.cancel`: see there."""
         with self._lock:
             state = handler._state

@@ -26,6 +26,7 @@ from typing import Any
 from marionette import _threads
 from marionette._threads import owners
 from marionette._time import aware, seconds
+from marionette.backends.memory.handler import MemoryHandler
 from marionette.context import Context
 from marionette.errors import QueueFull, TaskManagerStopped, Unschedulable
 from marionette.events import TaskEventKind
@@ -80,7 +81,7 @@ class MemoryManager(Workers):
 
     # -- submission --------------------------------------------------------------
 
-    def wrap_task(self, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
+    def wrap_task(self, task: Submittable[T], **opts: Any) -> MemoryHandler[T]:
         """Wrap `task` in a pending handler without submitting it.
 
         `wrap_task(handler)` returns the same handler; options cannot be given with
@@ -91,13 +92,13 @@ class MemoryManager(Workers):
         if isinstance(task, TaskHandler):
             if opts:
                 raise TypeError(f"options cannot be changed on an existing TaskHandler: {task!r}")
-            if task._owner is not self:
+            if not isinstance(task, MemoryHandler) or task._owner is not self:
                 raise ValueError(f"{task!r} belongs to another TaskManager")
             return task
         fn, options, name = self._prepare(task, opts)
-        return TaskHandler(self, fn, options, name)
+        return MemoryHandler(self, fn, options, name)
 
-    def queue(self, task: Submittable[T], *, block: bool = True, **opts: Any) -> TaskHandler[T]:
+    def queue(self, task: Submittable[T], *, block: bool = True, **opts: Any) -> MemoryHandler[T]:
         """Run `task` as soon as a worker is free; returns its handler.
 
         Blocks while the queue is full (back pressure), or while other producers
@@ -112,8 +113,8 @@ class MemoryManager(Workers):
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, not {block!r}")
         fresh = not opts and type(task) is _FUNCTION
-        handler: TaskHandler[T] = (
-            TaskHandler(self, task, DEFAULT_OPTIONS, None)  # type: ignore[arg-type]  # a function
+        handler: MemoryHandler[T] = (
+            MemoryHandler(self, task, DEFAULT_OPTIONS, None)  # type: ignore[arg-type]  # a function
             if fresh
             else self.wrap_task(task, **opts)
         )
@@ -152,7 +153,9 @@ class MemoryManager(Workers):
             self._after_submit(handler)
         return handler
 
-    def delay(self, delay: float | timedelta, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
+    def delay(
+        self, delay: float | timedelta, task: Submittable[T], **opts: Any
+    ) -> MemoryHandler[T]:
         """Run `task` on or after `delay` seconds (or a `timedelta`) from now.
 
         A negative delay means now; NaN or infinity raise `Unschedulable`, None or a
@@ -166,7 +169,7 @@ class MemoryManager(Workers):
             wait = seconds(delay, "delay", error=Unschedulable)
         return self._submit_later(task, opts, wait, None)
 
-    def schedule(self, at: datetime, task: Submittable[T], **opts: Any) -> TaskHandler[T]:
+    def schedule(self, at: datetime, task: Submittable[T], **opts: Any) -> MemoryHandler[T]:
         """Run `task` on or after the aware `datetime` `at`; a past time means now.
 
         The time is kept on the wall clock. None, `datetime.min` or a naive datetime
@@ -177,12 +180,12 @@ class MemoryManager(Workers):
 
     def _submit_later(
         self, task: Any, opts: dict[str, Any], wait: float, timestamp: float | None
-    ) -> TaskHandler[Any]:
+    ) -> MemoryHandler[Any]:
         """Submit to the scheduler: `wait` seconds from now, or at the wall-clock
         `timestamp` when one is given. The hot path of `delay` and `schedule`."""
         fresh = not opts and type(task) is _FUNCTION
         handler = (
-            TaskHandler(self, task, DEFAULT_OPTIONS, None)
+            MemoryHandler(self, task, DEFAULT_OPTIONS, None)
             if fresh
             else self.wrap_task(task, **opts)
         )
@@ -215,7 +218,7 @@ class MemoryManager(Workers):
             self._after_submit(handler)
         return handler
 
-    def _claim_locked(self, handler: TaskHandler[Any]) -> TaskHandler[Any] | None:
+    def _claim_locked(self, handler: MemoryHandler[Any]) -> MemoryHandler[Any] | None:
         """Admit a submission: raise if it may not be made; return the handler the
         caller must return at once (its key's pending instance, or a handler
         cancelled before its submission), or None to go on and count it."""
@@ -227,7 +230,7 @@ class MemoryManager(Workers):
             return handler
         return None
 
-    def _admit_locked(self, handler: TaskHandler[Any]) -> None:
+    def _admit_locked(self, handler: MemoryHandler[Any]) -> None:
         """Raise unless `handler` may be submitted now."""
         if self._state is not Lifecycle.RUNNING:
             raise TaskManagerStopped()
@@ -240,7 +243,7 @@ class MemoryManager(Workers):
 
     # -- keys, rescheduling, inspection ------------------------------------------
 
-    def get(self, key: str) -> TaskHandler[Any] | None:
+    def get(self, key: str) -> MemoryHandler[Any] | None:
         """The key's pending instance, else its running one, else None."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {key!r}")
@@ -269,9 +272,9 @@ class MemoryManager(Workers):
         else:
             wall, wait = False, seconds(when, "when", error=Unschedulable)
         with self._lock:
-            target: TaskHandler[Any] | Periodic | None = None
+            target: MemoryHandler[Any] | Periodic | None = None
             if isinstance(task, TaskHandler):
-                if task._owner is not self:
+                if not isinstance(task, MemoryHandler) or task._owner is not self:
                     raise ValueError(f"{task!r} belongs to another TaskManager")
                 target = task if task._state is _SCHEDULED else None
             elif (slot := self._keys.get(task)) is not None:
@@ -295,9 +298,9 @@ class MemoryManager(Workers):
         those held by a group limit or a key, and those kept while stopped), then
         scheduled ones in due order."""
         with self._lock:
-            seen: set[TaskHandler[Any]] = set()
+            seen: set[MemoryHandler[Any]] = set()
             out: list[TaskHandler[Any]] = []
-            queued: list[TaskHandler[Any]] = (
+            queued: list[MemoryHandler[Any]] = (
                 [] if self._queue is None else self._queue.snapshot_locked()
             )
             queued.extend(self._parked)
@@ -307,7 +310,7 @@ class MemoryManager(Workers):
                     seen.add(handler)
                     out.append(handler)
             for item in self._scheduler._items_locked():
-                if isinstance(item, TaskHandler) and item._state is _SCHEDULED:
+                if isinstance(item, MemoryHandler) and item._state is _SCHEDULED:
                     out.append(item)
             return out
 
@@ -374,7 +377,7 @@ class MemoryManager(Workers):
                 if self._events.wanted:
                     self._emit_locked(_Kind.COALESCED, slot.pending)
             else:
-                run: TaskHandler[Any] = TaskHandler(
+                run: MemoryHandler[Any] = MemoryHandler(
                     self, periodic._fn, periodic._opts, periodic._name
                 )
                 slot.pending = run
@@ -384,7 +387,7 @@ class MemoryManager(Workers):
             if not periodic._fixed_delay:
                 self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
 
-    def _on_due(self, item: TaskHandler[Any] | Context | Periodic) -> None:
+    def _on_due(self, item: MemoryHandler[Any] | Context | Periodic) -> None:
         """Called by the scheduler thread for each due item."""
         if isinstance(item, TaskHandler):
             with self._lock:
@@ -400,7 +403,7 @@ class MemoryManager(Workers):
     def _overrun(self, ctx: Context) -> None:
         """An attempt's deadline passed: report it once if that attempt still runs."""
         handler = ctx._task
-        if handler is not None and handler._ctx is ctx:
+        if isinstance(handler, MemoryHandler) and handler._ctx is ctx:
             self._log.warning(
                 "task still running past its deadline",
                 task_id=handler.id,
