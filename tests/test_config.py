@@ -348,3 +348,93 @@ def test_task_manager_validates_overrides() -> None:
         TaskManager(server_name="")
     with pytest.raises(TypeError, match="workers"):
         TaskManager(workers="8")
+
+
+# -- part three: the backend fields ----------------------------------------------------
+
+
+def test_backend_defaults_keep_everything_in_memory() -> None:
+    """By default there is no backend, the namespace is "marionette", lease 10 s, one day."""
+    config = Config()
+    assert config.backend is None
+    assert (config.namespace, config.lease, config.result_ttl) == ("marionette", 10.0, 86400.0)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6380/0", "rediss://u:p@host/1", "unix:///tmp/redis.sock"]
+)
+def test_redis_urls_are_accepted(url: str) -> None:
+    """redis://, rediss:// and unix:// URLs select Redis (checked for their scheme here)."""
+    assert Config(backend=url).backend == url
+
+
+@pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", ""])
+def test_other_backend_strings_raise_config_error_naming_the_field(url: str) -> None:
+    """A backend string that is not a Redis URL raises ConfigError naming `backend`."""
+    with pytest.raises(ConfigError) as caught:
+        Config(backend=url)
+    assert caught.value.field == "backend"
+
+
+def test_a_backend_that_is_neither_url_nor_client_raises_type_error() -> None:
+    """A backend object without execute_command (not a redis.Redis) raises TypeError."""
+    with pytest.raises(TypeError, match="backend"):
+        Config(backend=42)
+
+
+def test_zero_workers_only_with_a_backend() -> None:
+    """workers=0 (submit-only) is allowed on Redis; in memory it raises NoWorkers."""
+    assert Config(workers=0, backend="redis://localhost").workers == 0
+    with pytest.raises(NoWorkers):
+        Config(workers=0)
+    with pytest.raises(NoWorkers):
+        Config(workers=-1, backend="redis://localhost")
+
+
+@pytest.mark.parametrize("namespace", ["", "a b", "a{b", "b}", "tab\there"])
+def test_bad_namespaces_raise_config_error(namespace: str) -> None:
+    """A namespace that is empty or has whitespace or braces raises ConfigError."""
+    with pytest.raises(ConfigError) as caught:
+        Config(namespace=namespace)
+    assert caught.value.field == "namespace"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lease", 0.5), ("lease", float("nan")), ("result_ttl", 0), ("result_ttl", float("inf"))],
+)
+def test_lease_and_result_ttl_bounds(field: str, value: float) -> None:
+    """lease below 1 s and result_ttl not above 0 (or not finite) raise ConfigError."""
+    with pytest.raises(ConfigError) as caught:
+        Config(**{field: value})
+    assert caught.value.field == field
+
+
+def test_from_env_reads_the_backend_fields() -> None:
+    """MARIONETTE_BACKEND, _NAMESPACE, _LEASE and _RESULT_TTL are read; an empty backend is
+    memory."""
+    config = Config.from_env(
+        environ={
+            "MARIONETTE_BACKEND": "redis://localhost:6380/2",
+            "MARIONETTE_NAMESPACE": "shop",
+            "MARIONETTE_LEASE": "2.5",
+            "MARIONETTE_RESULT_TTL": "60",
+            "MARIONETTE_WORKERS": "0",
+        }
+    )
+    assert (config.backend, config.namespace, config.lease, config.result_ttl) == (
+        "redis://localhost:6380/2",
+        "shop",
+        2.5,
+        60.0,
+    )
+    assert config.workers == 0
+    assert Config.from_env(environ={"MARIONETTE_BACKEND": ""}).backend is None
+
+
+def test_from_env_names_the_variable_of_a_bad_lease() -> None:
+    """A malformed or out-of-range MARIONETTE_LEASE raises ConfigError naming it."""
+    for raw in ("soon", "0.1"):
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env(environ={"MARIONETTE_LEASE": raw})
+        assert caught.value.field == "MARIONETTE_LEASE"
