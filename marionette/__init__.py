@@ -25,6 +25,7 @@ from .events import TaskEvent, TaskEventKind
 from .handler import Task, TaskHandler, TaskState
 from .manager import TaskManager
 from .periodic import Periodic
+from .registry import RegisteredTask
 from .scheduler import Scheduler
 from .stats import GroupStats, Stats
 
@@ -41,6 +42,7 @@ __all__ = [
     "NoWorkers",
     "Periodic",
     "QueueFull",
+    "RegisteredTask",
     "RemoteError",
     "Scheduler",
     "Stats",

@@ -20,6 +20,7 @@ EXPECTED = [
     "NoWorkers",
     "Periodic",
     "QueueFull",
+    "RegisteredTask",
     "RemoteError",
     "Scheduler",
     "Stats",

@@ -29,6 +29,7 @@ from marionette.context import Context
 from marionette.events import TaskEventKind
 from marionette.handler import Options, TaskState, default_name, parse_options
 from marionette.manager import TaskManager
+from marionette.registry import Call
 
 from ._gates import Group, Slot
 
@@ -100,6 +101,9 @@ class MemoryCore(TaskManager):
 
     def _prepare(self, task: Any, opts: dict[str, Any]) -> tuple[Any, Options, str | None]:
         fn = _callable_of(task)
+        if fn is not task and type(task) is Call:  # never reached by a plain function
+            # A registered task's options are the defaults; the submission's win.
+            opts = {**task.task.defaults, **opts}
         options, name = parse_options(opts)
         if options.group is not None and options.group not in self._groups:
             raise ValueError(
