@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _threads
 from ._log import Log
@@ -43,14 +43,18 @@ from ._time import seconds
 from .config import Config
 from .context import Context
 from .events import Dispatcher, TaskEvent, TaskEventKind
-from .handler import Submittable, T, TaskHandler
+from .handler import Submittable, T, TaskHandler, parse_options
 from .periodic import Periodic
+from .registry import RegisteredTask, register
 from .scheduler import Scheduler
 from .stats import Stats
 
 __all__ = ["TaskManager"]
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Lifecycle(enum.Enum):
@@ -102,6 +106,9 @@ class TaskManager:
         # The thread finishing a stop called from inside (see stop()), if any.
         self._stopper: threading.Thread | None = None
         self._events = Dispatcher(self, self._lock, self._log, "marionette")
+        # The registered tasks by name (see registry.py): written under _lock, read
+        # freely (a dict lookup is atomic, and an entry never changes once made).
+        self._registry: dict[str, RegisteredTask[..., Any]] = {}
         # The scheduler shares the manager's lock (see scheduler.py): with it held,
         # call only its *_locked methods.
         self._scheduler: Scheduler[Any] = Scheduler(self._on_due, self._log, _lock=self._lock)
@@ -216,6 +223,7 @@ class TaskManager:
                     self._events.unbound_locked()
             if state is Lifecycle.RUNNING:
                 assert q is not None
+                self._stop_requested()
                 try:
                     self._scheduler.stop()
                 except BaseException as exc:
@@ -307,15 +315,16 @@ class TaskManager:
 
     def _opening(self) -> None:
         """Before a run's threads start (no lock held): connect, or raise to stay stopped."""
-        return
 
     def _fill_locked(self, q: TaskQueue) -> None:
         """Put the tasks kept from the last run into the new run's queue `q`."""
-        return
 
     def _opened(self) -> None:
         """After a run's workers, listener and scheduler started (no lock held)."""
-        return
+
+    def _stop_requested(self) -> None:
+        """A stop began (no lock held; submissions already refused), before the
+        scheduler thread is stopped: nothing the scheduler waits for may block now."""
 
     def _closing(self, q: TaskQueue, workers: int) -> None:
         """First phase of a stop (no lock held; the scheduler is stopped): tell the
@@ -327,7 +336,6 @@ class TaskManager:
     def _keep_locked(self, leftover: list[Any], current: bool) -> None:
         """Tasks still queued when a stop ended (it timed out); `current` is False
         when a task started a new run meanwhile."""
-        return
 
     def _running_contexts_locked(self) -> list[Context]:
         """The contexts of the attempts running now (cancelled by a stop that timed out)."""
@@ -340,7 +348,18 @@ class TaskManager:
     def _closed(self, abandoned: bool) -> None:
         """Last phase of a stop (no lock held): the workers left, or `abandoned` ones
         outlived the timeout; the events were delivered."""
-        return
+
+    def _registered(self, name: str) -> None:
+        """A task was registered under `name` (no lock held): the Redis backend's
+        claimer starts serving its queue."""
+
+    def _reconfigure(self, **changes: Any) -> None:
+        """Replace Config fields of a stopped manager (the `worker` command's
+        ``--workers``); only fields read at `start()` take effect."""
+        with self._lifecycle, self._lock:
+            if self._state is not Lifecycle.STOPPED:
+                raise RuntimeError("a running manager cannot be reconfigured")
+            self._config = resolve_config(self._config, changes)
 
     # -- fork (see _threads) ------------------------------------------------------
 
@@ -373,7 +392,6 @@ class TaskManager:
 
     def _fork_child_locked(self) -> None:
         """The backend's part of `_fork_child`, with every lock held."""
-        return
 
     def __enter__(self) -> TaskManager:
         self.start()
@@ -429,6 +447,46 @@ class TaskManager:
         if kind in self._events.wanted:
             self._events.emit_locked(kind, handler, error, result)
 
+    # -- registered tasks --------------------------------------------------------
+
+    @overload
+    def task(
+        self, fn: Callable[Concatenate[Context, P], R], /, *, name: str | None = None, **opts: Any
+    ) -> RegisteredTask[P, R]: ...
+
+    @overload
+    def task(
+        self, /, *, name: str | None = None, **opts: Any
+    ) -> Callable[[Callable[Concatenate[Context, P], R]], RegisteredTask[P, R]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **opts: Any
+    ) -> RegisteredTask[..., Any] | Callable[[Callable[..., Any]], RegisteredTask[..., Any]]:
+        """Register ``fn(ctx, *args, **kwargs)`` by name; ``@tm.task`` or
+        ``@tm.task(name=None, **opts)`` (or ``tm.task(fn, name=None, **opts)``).
+        Returns its `RegisteredTask`.
+
+        `name` is the registry name, by which every process finds the task (default:
+        ``f"{fn.__module__}.{fn.__qualname__}"``); it is also the default label in
+        logs of what it submits (the ``name=`` option of a submission, or of
+        ``rt.options(...)``, sets another label). `opts` are the default options
+        of its submissions, validated now: a typo raises `TypeError` at decoration
+        time. Registering another function under a taken name raises `ValueError`;
+        the same function again (or its copy, from a module imported twice) with
+        the same options returns the registered task (other options raise
+        `ValueError`: an entry never changes). Calling the result calls `fn`
+        itself. Any thread may register; register before submitting, in every
+        process that runs the task.
+        """
+        if fn is not None:
+            return register(self, fn, name, opts)
+
+        def decorate(fn: Callable[..., Any]) -> RegisteredTask[..., Any]:
+            return register(self, fn, name, opts)
+
+        parse_options(opts)  # a typo fails at the decorator line, even before a function
+        return decorate
+
     # -- the backend's side: submission, inspection ------------------------------
     # Each backend implements these (as asyncio's AbstractEventLoop does, the face
     # raises NotImplementedError); the docstrings here are the contract.
@@ -468,8 +526,14 @@ class TaskManager:
         """Move a scheduled task (delayed, scheduled, or waiting for a retry) to `when`."""
         raise NotImplementedError
 
-    def pending(self) -> list[TaskHandler[Any]]:
-        """A snapshot of every task waiting to run: queued ones, then scheduled ones."""
+    def pending(self, limit: int | None = None) -> list[TaskHandler[Any]]:
+        """A snapshot of the tasks waiting to run: queued ones, then scheduled ones;
+        at most `limit` (None: all in memory, 1,000 on Redis)."""
+        raise NotImplementedError
+
+    def handler(self, task_id: int) -> TaskHandler[Any] | None:
+        """The handler of a task by id: in memory, while the task waits or runs; on
+        Redis, any task of the cluster until its result expires. None otherwise."""
         raise NotImplementedError
 
     def set_limit(self, group: str, limit: int) -> None:
@@ -514,9 +578,13 @@ class TaskManager:
 
 def _backend_class(config: Config) -> type[TaskManager]:
     """The manager class of the backend `config` names (imported only when named)."""
-    from .backends.memory.manager import MemoryManager
+    if config.backend is None:
+        from .backends.memory.manager import MemoryManager
 
-    return MemoryManager
+        return MemoryManager
+    from .backends.redis.manager import RedisManager
+
+    return RedisManager
 
 
 def remaining(deadline: float | None) -> float | None:

@@ -360,6 +360,13 @@ class Scheduler(Generic[T]):
         if self._timeline.push(item, deadline, wall):
             self._wakeup.notify()
 
+    def _arm_locked(self, item: T, deadline: float) -> None:
+        """Hand `item` out at the monotonic `deadline`, unless it is pending earlier."""
+        current = self._timeline.get(item)
+        if current is not None and not current[1] and current[0] <= deadline:
+            return
+        self._push_locked(item, deadline, False)
+
     def _add_locked(self, item: T, deadline: float, wall: bool, seq: int) -> None:
         """`_push_locked` for an item known not to be pending (a task's first
         submission), with its own `seq` (the task's id)."""

@@ -30,7 +30,9 @@ class Stats:
     again), `coalesced` (periodic occurrences merged into a waiting run). When the
     manager is idle, ``submitted == succeeded + failed + cancelled``. `groups` has
     every configured group; `uptime` is seconds since the last `start()` (0.0 when
-    stopped).
+    stopped). On Redis, the counters, `queued`, `scheduled`, `running` and `groups`
+    describe the cluster, `workers`, `busy` and `uptime` this process, and
+    `processes` counts the cluster's live processes (1 in memory).
     """
 
     workers: int
@@ -46,3 +48,5 @@ class Stats:
     coalesced: int
     groups: Mapping[str, GroupStats]
     uptime: float
+    #: The live processes of the cluster (1 in memory).
+    processes: int = 1

@@ -293,10 +293,14 @@ class MemoryManager(Workers):
                 target._due = now + (at - time.time()) if wall else deadline
             return moved
 
-    def pending(self) -> list[TaskHandler[Any]]:
+    def pending(self, limit: int | None = None) -> list[TaskHandler[Any]]:
         """A snapshot of every task waiting to run: queued ones in queue order (then
         those held by a group limit or a key, and those kept while stopped), then
-        scheduled ones in due order."""
+        scheduled ones in due order; the first `limit` of them (None: all)."""
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise ValueError(f"limit must be an int >= 0 or None, not {limit!r}")
         with self._lock:
             seen: set[MemoryHandler[Any]] = set()
             out: list[TaskHandler[Any]] = []
@@ -312,7 +316,21 @@ class MemoryManager(Workers):
             for item in self._scheduler._items_locked():
                 if isinstance(item, MemoryHandler) and item._state is _SCHEDULED:
                     out.append(item)
-            return out
+            return out if limit is None else out[:limit]
+
+    def handler(self, task_id: int) -> TaskHandler[Any] | None:
+        """The handler of a task of this manager that waits or runs now, by id (O(n):
+        for inspection); None for a task that ended (its handler is the caller's)."""
+        if not isinstance(task_id, int) or isinstance(task_id, bool):
+            raise TypeError(f"task_id must be an int, not {task_id!r}")
+        with self._lock:
+            for handler in self._running:
+                if handler.id == task_id:
+                    return handler
+        for waiting in self.pending():
+            if waiting.id == task_id:
+                return waiting
+        return None
 
     # -- groups and stats --------------------------------------------------------
 

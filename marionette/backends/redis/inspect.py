@@ -1,0 +1,176 @@
+"""What ``python -m marionette inspect`` and ``dead`` read from a cluster.
+
+Read-only except for the dead letters' `requeue` and `purge`; needs no running
+manager, only the namespace's Redis. A snapshot of many keys, read one after another:
+on a busy cluster its parts are taken a few milliseconds apart.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from marionette.backends.redis.store import Store
+
+__all__ = ["Inspector"]
+
+#: How many of the next due tasks `inspect` lists and counts by name.
+NEXT_DUE = 10
+SCHEDULED_SAMPLE = 1000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class Inspector:
+    """Reads a namespace's state for people (see `snapshot`)."""
+
+    def __init__(self, client: Any, namespace: str) -> None:
+        self._store = Store(client, namespace, result_ttl=86400.0)
+        self._client = client
+        self._prefix = self._store.prefix
+
+    def _now_ms(self) -> int:
+        seconds, micros = self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def snapshot(self) -> dict[str, Any]:
+        """Processes (host, pid, workers, busy, heartbeat age), counts per task name
+        (queued, scheduled, running, failed), the next due tasks, the counters, the
+        dead letters."""
+        now = self._now_ms()
+        prefix, client = self._prefix, self._client
+        processes = []
+        running: dict[str, int] = {}
+        lease_left: list[float] = []
+        for proc, expiry, info in self._store.processes():
+            ids = [_text(i) for i in client.smembers(f"{prefix}claims:{proc}")]
+            for task_id in ids:
+                state, name = client.hmget(f"{prefix}t:{task_id}", "s", "n")
+                if state is not None and _text(state) == "r":
+                    running[_text(name)] = running.get(_text(name), 0) + 1
+            lease_left.append(expiry - now)
+            processes.append(
+                {
+                    "id": proc,
+                    "host": info.get("host"),
+                    "pid": info.get("pid"),
+                    "server": info.get("server"),
+                    "workers": info.get("workers"),
+                    "busy": info.get("busy"),
+                    "claimed": len(ids),
+                    "alive": expiry > now,
+                    "lease_left": round((expiry - now) / 1000, 3),
+                    "names": info.get("names", []),
+                }
+            )
+        names = sorted(_text(n) for n in client.smembers(prefix + "names"))
+        failed = {_text(k): int(v) for k, v in client.hgetall(prefix + "failed").items()}
+        scheduled: dict[str, int] = {}
+        next_due: list[dict[str, Any]] = []
+        sample = client.zrange(prefix + "sched", 0, SCHEDULED_SAMPLE - 1, withscores=True)
+        for task_id, due in sample:
+            name = client.hget(f"{prefix}t:{_text(task_id)}", "n")
+            name = "?" if name is None else _text(name)
+            scheduled[name] = scheduled.get(name, 0) + 1
+            if len(next_due) < NEXT_DUE:
+                next_due.append({"id": int(task_id), "name": name, "due": _iso(due)})
+        by_name = {
+            name: {
+                "queued": int(client.llen(f"{prefix}q:{name}")),
+                "scheduled": scheduled.get(name, 0),
+                "running": running.get(name, 0),
+                "failed": failed.get(name, 0),
+            }
+            for name in sorted({*names, *scheduled, *running, *failed})
+        }
+        return {
+            "namespace": prefix[1:-2],
+            "time": _iso(now),
+            "processes": processes,
+            "counters": self._store.counters(),
+            "tasks": by_name,
+            "scheduled_total": int(client.zcard(prefix + "sched")),
+            "next_due": next_due,
+            "dead_letters": self._store.dead_letters(),
+        }
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [
+            {**entry, "at": _iso(entry["at"])} if isinstance(entry.get("at"), int) else entry
+            for entry in self._store.dead_letters()
+        ]
+
+    def requeue(self) -> tuple[int, int]:
+        """Put the dead letters' tasks back in their queues: (requeued, gone)."""
+        return self._store.requeue()
+
+    def purge(self) -> int:
+        """Drop the dead letters (their tasks expire after the result TTL)."""
+        return self._store.purge()
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """`snapshot` as the tables `inspect` prints for people."""
+    lines = [f"namespace {snapshot['namespace']} at {snapshot['time']}", ""]
+    processes = snapshot["processes"]
+    lines.append(f"processes ({sum(p['alive'] for p in processes)} live)")
+    rows = [["host", "pid", "workers", "busy", "claimed", "lease left", "server"]]
+    rows += [
+        [
+            str(p["host"]),
+            str(p["pid"]),
+            str(p["workers"]),
+            str(p["busy"]),
+            str(p["claimed"]),
+            f"{p['lease_left']:.1f}s" if p["alive"] else "expired",
+            str(p["server"]),
+        ]
+        for p in processes
+    ]
+    lines += _table(rows)
+    lines += ["", "tasks"]
+    rows = [["name", "queued", "scheduled", "running", "failed"]]
+    rows += [
+        [name, *(str(counts[k]) for k in ("queued", "scheduled", "running", "failed"))]
+        for name, counts in snapshot["tasks"].items()
+    ]
+    lines += _table(rows)
+    counters = snapshot["counters"]
+    lines += [
+        "",
+        "counters: "
+        + ", ".join(
+            f"{k}={counters.get(k, 0)}"
+            for k in ("submitted", "succeeded", "failed", "retried", "cancelled", "coalesced")
+        ),
+        f"scheduled: {snapshot['scheduled_total']}",
+    ]
+    if snapshot["next_due"]:
+        lines += ["", "next due"]
+        lines += _table(
+            [["id", "name", "due"]]
+            + [[str(d["id"]), d["name"], d["due"]] for d in snapshot["next_due"]]
+        )
+    dead = snapshot["dead_letters"]
+    lines += ["", f"dead letters: {len(dead)}"]
+    lines += [f"  #{d.get('id')} {d.get('name')}: {d.get('reason')}" for d in dead[:10]]
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def to_json(snapshot: dict[str, Any]) -> str:
+    return json.dumps(snapshot, indent=2, sort_keys=True)

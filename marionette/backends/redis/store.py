@@ -1,0 +1,300 @@
+"""Store: a namespace's data in Redis, changed only by one atomic Lua script per
+transition (scripts/*.lua: submit, claim, step, promote, heartbeat, handback, leave,
+cancel, watch, dead, requeue, purge, recover).
+
+Every key of a namespace ``ns`` starts with ``{ns}:``, one hash tag, so a Redis
+Cluster keeps them in one slot and the scripts may touch any of them. Each script is
+loaded once (``EVALSHA``, reloaded by redis-py after a server restart) and reads the
+server's clock (``TIME``): the cluster shares one clock, whatever the processes'.
+What the keys hold is described at the top of ``scripts/common.lua``.
+
+This module only speaks to Redis; retrying through outages is `Outages`' job, and
+deciding what to do is the manager's. Thread-safe: redis-py hands each call a
+connection of its pool.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+__all__ = ["Claimed", "Store", "TaskFields"]
+
+_SCRIPTS = (
+    "cancel",
+    "claim",
+    "dead",
+    "handback",
+    "heartbeat",
+    "leave",
+    "promote",
+    "purge",
+    "recover",
+    "requeue",
+    "step",
+    "submit",
+    "watch",
+)
+#: The fields `watch` and `read` return, in order.
+_FIELDS = ("s", "n", "o", "at", "T", "E", "d", "v", "e", "x", "p")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _script(name: str) -> str:
+    folder = resources.files(__package__).joinpath("scripts")
+    return folder.joinpath("common.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task a process claimed: what a worker needs to run its next attempt."""
+
+    id: int
+    name: str
+    payload: str
+    options: str
+    attempts: int
+    failures: int
+    #: Submission time, server milliseconds.
+    submitted: int
+    #: The errors of its earlier attempts (a JSON list), or ''.
+    errors: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFields:
+    """A task's hash as a handler reads it (None where the field is absent)."""
+
+    state: str
+    name: str
+    options: str | None
+    attempts: int
+    submitted: int
+    ended: int | None
+    due: int | None
+    value: str | None
+    errors: str | None
+    base: bool
+    process: str | None
+
+    @classmethod
+    def parse(cls, row: list[Any]) -> TaskFields:
+        f = dict(zip(_FIELDS, (None if v is None else _text(v) for v in row), strict=True))
+        return cls(
+            state=f["s"] or "",
+            name=f["n"] or "",
+            options=f["o"],
+            attempts=int(f["at"] or 0),
+            submitted=int(f["T"] or 0),
+            ended=None if f["E"] is None else int(f["E"]),
+            due=None if f["d"] is None else int(f["d"]),
+            value=f["v"],
+            errors=f["e"],
+            base=f["x"] == "b",
+            process=f["p"],
+        )
+
+
+class Store:
+    """The Lua transitions of one namespace, as Python calls."""
+
+    def __init__(self, client: Any, namespace: str, result_ttl: float) -> None:
+        self.client = client
+        #: The prefix of every key, with the namespace's hash tag.
+        self.prefix = "{" + namespace + "}:"
+        #: The pub/sub channel of the namespace's wake-up messages.
+        self.channel = self.prefix + "wake"
+        self._ttl = int(result_ttl * 1000)
+        self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](keys=[self.prefix + "id"], args=[self.prefix, self._ttl, *args])
+
+    # -- transitions -------------------------------------------------------------
+
+    def submit(
+        self,
+        proc: str,
+        lane: int,
+        token: str,
+        name: str,
+        payload: str,
+        options: str,
+        mode: str,
+        when: int,
+    ) -> int:
+        """A new task's id (the same id for a retried call with the same lane token)."""
+        return int(self._run("submit", proc, lane, token, name, payload, options, mode, when))
+
+    def claim(self, proc: str, limit: int, names: list[str]) -> tuple[int, list[Claimed]] | None:
+        """(server now, claimed tasks), or None when `proc` has no lease."""
+        return self._claimed(self._run("claim", proc, limit, *names))
+
+    def recover(self, proc: str) -> tuple[int, list[Claimed]]:
+        """The tasks `proc` holds claimed and not started (after a lost claim reply)."""
+        found = self._claimed(self._run("recover", proc))
+        assert found is not None
+        return found
+
+    @staticmethod
+    def _claimed(reply: list[Any]) -> tuple[int, list[Claimed]] | None:
+        now = int(reply[0])
+        if now < 0:
+            return None
+        tasks = [
+            Claimed(
+                id=int(row[0]),
+                name=_text(row[1]),
+                payload=_text(row[2]),
+                options=_text(row[3]),
+                attempts=int(row[4]),
+                failures=int(row[5]),
+                submitted=int(row[6]),
+                errors=_text(row[7]),
+            )
+            for row in reply[1:]
+        ]
+        return now, tasks
+
+    def step(
+        self,
+        proc: str,
+        done: int | None,
+        kind: str,
+        value: str,
+        error: str,
+        delay_ms: int,
+        start: int | None,
+    ) -> tuple[int, str, int]:
+        """Settle `done` (if any) and start `start` (if any) in one round trip.
+
+        Returns (settled: 1, 0 when fenced off, -1 when nothing was settled; the start:
+        'ok', 'lost', 'cancelled' or ''; the attempt number when started).
+        """
+        reply = self._run(
+            "step",
+            proc,
+            "" if done is None else done,
+            kind,
+            value,
+            error,
+            delay_ms,
+            "" if start is None else start,
+        )
+        started = reply[1]
+        outcome = _text(started[0]) if started else ""
+        attempt = int(started[1]) if outcome == "ok" else 0
+        return int(reply[0]), outcome, attempt
+
+    def promote(self, limit: int) -> tuple[int, int, int]:
+        """(tasks promoted, ms until the next due one or -1, server now)."""
+        count, wait, now = self._run("promote", limit)
+        return int(count), int(wait), int(now)
+
+    def heartbeat(
+        self, proc: str, lease_ms: int, info: dict[str, Any] | None, register: bool
+    ) -> tuple[bool, int]:
+        """Renew `proc`'s lease and reap the dead: (still held, server now)."""
+        reply = self._run(
+            "heartbeat",
+            proc,
+            lease_ms,
+            "" if info is None else json.dumps(info, separators=(",", ":")),
+            "1" if register else "0",
+        )
+        return _text(reply[0]) == "ok", int(reply[1])
+
+    def handback(self, proc: str, ids: list[int]) -> int:
+        """Give back claimed (or, after a timed-out stop, running) tasks."""
+        return int(self._run("handback", proc, *ids)) if ids else 0
+
+    def leave(self, proc: str) -> None:
+        self._run("leave", proc)
+
+    def cancel(self, task_id: int) -> str:
+        """'C' cancelled now, 'r' running (asked to stop), a final state, or 'unknown'."""
+        return _text(self._run("cancel", task_id))
+
+    def watch(self, task_id: int) -> TaskFields | None:
+        """A task's fields, asking to hear when it finishes; None when unknown."""
+        row = self._run("watch", task_id)
+        return None if not row else TaskFields.parse(row)
+
+    def read(self, task_id: int) -> TaskFields | None:
+        """A task's fields, without asking to hear of it; None when unknown."""
+        row = self.client.hmget(f"{self.prefix}t:{task_id}", *_FIELDS)
+        return None if row[0] is None else TaskFields.parse(row)
+
+    def state(self, task_id: int) -> str | None:
+        value = self.client.hget(f"{self.prefix}t:{task_id}", "s")
+        return None if value is None else _text(value)
+
+    def dead(self, proc: str, task_id: int, reason: str) -> None:
+        self._run("dead", proc, task_id, reason)
+
+    def requeue(self) -> tuple[int, int]:
+        requeued, dropped = self._run("requeue")
+        return int(requeued), int(dropped)
+
+    def purge(self) -> int:
+        return int(self._run("purge"))
+
+    # -- reading -----------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """The cluster's counters and gauges (``stats``)."""
+        raw = self.client.hgetall(self.prefix + "stats")
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    def processes(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """Every registered process: (id, lease expiry in server ms, its info)."""
+        rows = self.client.zrange(self.prefix + "procs", 0, -1, withscores=True)
+        out = []
+        for proc, expiry in rows:
+            proc = _text(proc)
+            raw = self.client.get(f"{self.prefix}proc:{proc}")
+            out.append((proc, expiry, json.loads(raw) if raw else {}))
+        return out
+
+    def live_processes(self) -> int:
+        """How many processes hold a lease now (by the server's clock)."""
+        now = self.client.time()
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        return int(self.client.zcount(self.prefix + "procs", now_ms, "+inf"))
+
+    def waiting(
+        self, limit: int
+    ) -> tuple[list[tuple[int, str, str | None]], list[tuple[int, str, str | None]]]:
+        """Up to `limit` queued tasks (oldest first, across the names' queues) and up to
+        `limit` scheduled ones (soonest first), as (id, name, options)."""
+        names = [_text(n) for n in self.client.smembers(self.prefix + "names")]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.lrange(f"{self.prefix}q:{name}", -limit, -1)  # the head is the right end
+        heads = pipe.execute() if names else []
+        queued_ids = sorted({int(i) for head in heads for i in head})
+        scheduled_ids = [int(i) for i in self.client.zrange(self.prefix + "sched", 0, limit - 1)]
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in (*queued_ids, *scheduled_ids):
+            pipe.hmget(f"{self.prefix}t:{task_id}", "s", "n", "o")
+        rows = pipe.execute() if queued_ids or scheduled_ids else []
+        queued, scheduled = [], []
+        for task_id, (state, name, options) in zip(
+            (*queued_ids, *scheduled_ids), rows, strict=True
+        ):
+            if state is None:
+                continue
+            entry = (task_id, _text(name), None if options is None else _text(options))
+            if _text(state) in ("q", "c"):
+                queued.append(entry)
+            elif _text(state) == "s":
+                scheduled.append(entry)
+        return queued[:limit], scheduled[:limit]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.client.lrange(self.prefix + "dead", 0, -1)]

@@ -1,0 +1,314 @@
+"""The Redis backend across real processes: SIGKILL, partitions, a restarted server.
+
+Workers are subprocesses running ``python -m marionette worker redis_tasks:tm`` (see
+tests/redis_tasks.py); the test process submits and reads through a manager of its
+own. kill -9 is a real SIGKILL; a partition is a TCP proxy that stops passing bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import WAIT
+from proxy import TcpProxy
+from redis_server import RedisServer
+
+from marionette import (
+    BackendUnavailable,
+    Context,
+    TaskError,
+    TaskManager,
+    TaskState,
+    WorkerLost,
+)
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+class Worker:
+    """A worker subprocess; `started` is set once its manager started."""
+
+    def __init__(self, backend: str, direct: str, namespace: str, lease: float, workers: int):
+        env = {
+            **os.environ,
+            "MARIONETTE_BACKEND": backend,
+            "MARIONETTE_NAMESPACE": namespace,
+            "MARIONETTE_LEASE": str(lease),
+            "MARIONETTE_TEST_REDIS": direct,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "marionette",
+                "worker",
+                "redis_tasks:tm",
+                "--workers",
+                str(workers),
+                "--grace",
+                "5",
+            ],
+            cwd=TESTS,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, name=f"test-worker-{self.pid}")
+        self.reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, text: str) -> None:
+        """Wait (bounded) until the worker printed a line containing `text`."""
+        with self.changed:
+            ok = self.changed.wait_for(
+                lambda: any(text in line for line in self.lines) or self.process.poll() is not None,
+                WAIT,
+            )
+        assert ok, self.lines
+        assert any(text in line for line in self.lines), self.lines
+
+    def kill(self) -> None:
+        """SIGKILL, and reap."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(WAIT)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(WAIT)
+        self.reader.join(WAIT)
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., Worker]]:
+    """Start worker subprocesses (waiting until each has started); all are killed and
+    reaped after the test."""
+    started: list[Worker] = []
+
+    def spawn(backend: str, direct: str, namespace: str, lease: float, workers: int = 2) -> Worker:
+        worker = Worker(backend, direct, namespace, lease, workers)
+        started.append(worker)
+        worker.wait_for("task manager started")
+        return worker
+
+    yield spawn
+    for worker in started:
+        worker.close()
+
+
+def local(url: str, namespace: str, lease: float, workers: int = 0) -> TaskManager:
+    """A manager in this process with the same task names as the workers (never run
+    here unless `workers`)."""
+    tm = TaskManager(backend=url, namespace=namespace, lease=lease, workers=workers)
+
+    @tm.task(name="hold")
+    def hold(ctx: Context, key: str) -> int:
+        raise AssertionError("runs in the workers only")
+
+    @tm.task(name="suicide")
+    def suicide(ctx: Context, key: str) -> None:
+        raise AssertionError("runs in the workers only")
+
+    @tm.task(name="stamp")
+    def stamp(ctx: Context, key: str) -> float:
+        raise AssertionError("runs in the workers only")
+
+    @tm.task(name="pid")
+    def pid(ctx: Context) -> int:
+        return os.getpid()
+
+    tm.start()
+    return tm
+
+
+def started_pid(client: redis.Redis, key: str) -> int:
+    """Wait (bounded) for the next attempt of `hold`/`suicide` on `key` to start."""
+    got = client.blpop([f"{key}:started"], timeout=WAIT)
+    assert got is not None, "no attempt started"
+    return int(got[1])
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_server.url)
+    yield c
+    c.close()
+
+
+def test_sigkill_mid_task_reruns_it_elsewhere_within_the_lease(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """A worker killed with SIGKILL in the middle of a task: another process runs it
+    again within lease + 2 s; the lost attempt is a WorkerLost in `errors`, counts in
+    `attempts`, and uses no retry (the task has none and still succeeds)."""
+    lease = 2.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        first = workers(redis_url, redis_url, redis_namespace, lease, workers=1)
+        handler = tm._registry["hold"].queue("k1")
+        assert started_pid(client, "k1") == first.pid
+        first.kill()
+        killed = time.monotonic()
+        second = workers(redis_url, redis_url, redis_namespace, lease, workers=1)
+        assert started_pid(client, "k1") == second.pid
+        assert time.monotonic() - killed <= lease + 2.0
+        client.rpush(f"k1:release:{second.pid}", 1)
+        assert handler.result(WAIT) == second.pid
+        assert handler.attempts == 2
+        [lost] = handler.errors
+        assert isinstance(lost, WorkerLost)
+    finally:
+        tm.stop()
+
+
+def test_a_task_that_kills_its_process_fails_after_three_lost_attempts(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """A task whose every attempt kills its process fails for good after three lost
+    attempts in a row, with three WorkerLost errors."""
+    lease = 1.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        handler = tm._registry["suicide"].options(retries=5).queue("k2")
+        for _ in range(3):
+            worker = workers(redis_url, redis_url, redis_namespace, lease, workers=1)
+            assert started_pid(client, "k2") == worker.pid
+            worker.process.wait(WAIT)
+            assert worker.process.returncode == -signal.SIGKILL
+        with pytest.raises(TaskError) as caught:
+            handler.result(WAIT)
+        assert [type(e) for e in caught.value.exceptions] == [WorkerLost] * 3
+        assert handler.attempts == 3
+        assert handler.state is TaskState.FAILED
+    finally:
+        tm.stop()
+
+
+def test_a_partitioned_process_cannot_overwrite_the_rerun(
+    workers: Callable[..., Worker],
+    redis_url: str,
+    redis_namespace: str,
+    client: redis.Redis,
+    redis_server: RedisServer,
+) -> None:
+    """A worker cut off from Redis past its lease: its task runs again elsewhere, and
+    when the cut heals, its late outcome is discarded, never settled over the rerun's;
+    the cut worker joins the cluster again and keeps working."""
+    lease = 1.5
+    tm = local(redis_url, redis_namespace, lease)
+    proxy = TcpProxy(redis_server.port)
+    try:
+        cut_off = workers(proxy.url_for(redis_url), redis_url, redis_namespace, lease, workers=1)
+        handler = tm._registry["hold"].queue("k3")
+        assert started_pid(client, "k3") == cut_off.pid
+        proxy.cut()
+        other = workers(redis_url, redis_url, redis_namespace, lease, workers=1)
+        assert started_pid(client, "k3") == other.pid  # after the lease: a rerun
+        client.rpush(f"k3:release:{other.pid}", 1)
+        assert handler.result(WAIT) == other.pid
+        proxy.heal()
+        client.rpush(f"k3:release:{cut_off.pid}", 1)  # the cut-off attempt ends now
+        cut_off.wait_for("discarded")
+        assert handler.result(0) == other.pid
+        assert tm.handler(handler.id).result(WAIT) == other.pid  # type: ignore[union-attr]
+        other.kill()  # the cut-off worker, back, now runs whatever comes
+        assert tm._registry["pid"].queue().result(WAIT) == cut_off.pid
+    finally:
+        tm.stop()
+        proxy.close()
+
+
+def test_submissions_survive_a_redis_restart_with_aof(
+    workers: Callable[..., Worker], fresh_redis: RedisServer, redis_namespace: str
+) -> None:
+    """Redis killed (SIGKILL) and restarted with appendfsync always: every acknowledged
+    submission runs; a submission during the outage raises BackendUnavailable after
+    the lease; the workers and the submitting manager carry on."""
+    lease = 1.0
+    url = fresh_redis.url
+    tm = local(url, redis_namespace, lease)
+    direct = redis.Redis.from_url(url)
+    try:
+        workers(url, url, redis_namespace, lease, workers=2)
+        stamp = tm._registry["stamp"]
+        handlers = [stamp.queue("k4") for _ in range(20)]
+        handlers += [stamp.delay(1.5, "k4") for _ in range(20)]
+        fresh_redis.kill()
+        with pytest.raises(BackendUnavailable):
+            stamp.queue("k4")
+        fresh_redis.restart()
+        results = [h.result(WAIT * 2) for h in handlers]
+        assert len(results) == 40
+        assert len(set(results)) >= 1
+        assert tm.join(WAIT)
+        stats = tm.stats()
+        assert stats.succeeded == 40
+        assert stats.submitted == 40
+    finally:
+        tm.stop()
+        direct.close()
+
+
+def test_a_delayed_task_runs_once_with_three_worker_processes(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """Three worker processes, all their schedulers awake: each of 60 delayed tasks runs
+    exactly once, never before it is due."""
+    lease = 2.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        for _ in range(3):
+            workers(redis_url, redis_url, redis_namespace, lease, workers=2)
+        stamp = tm._registry["stamp"]
+        earliest, handlers = [], []
+        for i in range(60):
+            delay = 0.02 * (i % 30)
+            earliest.append(time.time() + delay)
+            handlers.append(stamp.delay(delay, "k5"))
+        ran = [h.result(WAIT) for h in handlers]
+        assert all(at >= due for at, due in zip(ran, earliest, strict=True))
+        assert tm.join(WAIT)
+        assert client.llen("k5") == 60
+    finally:
+        tm.stop()
+
+
+def test_the_worker_command_stops_on_sigterm_and_exits_zero(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """SIGTERM stops a worker gracefully: exit status 0, its idle claims handed back."""
+    lease = 5.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        worker = workers(redis_url, redis_url, redis_namespace, lease, workers=2)
+        assert tm._registry["pid"].queue().result(WAIT) == worker.pid
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(WAIT) == 0
+        assert tm.stats().processes == 1  # it left the cluster: only this manager
+    finally:
+        tm.stop()
