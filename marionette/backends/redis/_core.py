@@ -63,6 +63,7 @@ class Job:
         "discarded",
         "errors",
         "failures",
+        "handler",
         "id",
         "kwargs",
         "label",
@@ -83,6 +84,7 @@ class Job:
         submitted: float,
         proc: str,
         label: str,
+        handler: RedisHandler[Any],
     ) -> None:
         self.id = task_id
         self.name = name
@@ -97,6 +99,8 @@ class Job:
         #: The process id (epoch) it was claimed under: the fence of its changes.
         self.proc = proc
         self.label = label
+        #: This process's handler of the task (what its attempts' contexts name).
+        self.handler = handler
         self.errors: list[BaseException] | None = None
         self.ctx: Context | None = None
         self.attempt = 0

@@ -176,7 +176,19 @@ class Services(RedisCore):
                 pass
             return None
         submitted = time.monotonic() - max(0, now - row.submitted) / 1000
-        job = Job(row.id, row.name, args, kwargs, row.options, row.failures, submitted, proc, named)
+        handler = self._handler(row.id, named)
+        job = Job(
+            row.id,
+            row.name,
+            args,
+            kwargs,
+            row.options,
+            row.failures,
+            submitted,
+            proc,
+            named,
+            handler,
+        )
         job.errors = decode_errors(row.errors)
         return job
 

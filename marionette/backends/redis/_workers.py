@@ -69,6 +69,8 @@ class Workers(Services):
         done: Outcome | None = None
         while True:
             with self._lock:
+                if done is not None:
+                    self._ended_locked(done.job)
                 if done is not None and not q.queue:
                     job = _SETTLE_FIRST
                 else:
@@ -87,7 +89,8 @@ class Workers(Services):
 
     def _step(self, done: Outcome | None, job: Job | None) -> Outcome | None:
         """Settle `done` and start `job` (one round trip when both are under the same
-        process id); run the attempt if it started, and return how it ended."""
+        process id), report the one, run the other if it started, and return how it
+        ended."""
         if done is not None and job is not None and done.job.proc != job.proc:
             self._step(done, None)
             done = None
@@ -109,61 +112,64 @@ class Workers(Services):
             )
         except self._outages.errors:  # stopped during an outage: the lease will tell
             settled, start, attempt = -1, "", 0
+        ctx = None
+        if job is not None and start == "ok":
+            opts = self._options(job)
+            deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+            ctx = attempt_context(None, deadline, job.handler, attempt)
+        with self._lock:  # one critical section: the last attempt's report, this one's start
+            if done is not None:
+                self._report_locked(done, settled == 1)
+            if job is not None:
+                if ctx is None:
+                    if self._jobs.get(job.id) is job:
+                        del self._jobs[job.id]
+                    if start == "cancelled" and TaskEventKind.CANCELLED in self._events.wanted:
+                        self._emit_locked(_Kind.CANCELLED, job.handler)
+                else:
+                    job.ctx, job.attempt = ctx, attempt
+                    self._busy += 1
+                    if ctx._deadline is not None:
+                        self._scheduler._push_locked(ctx, ctx._deadline, False)
+                    if self._events.wanted:
+                        self._emit_locked(_Kind.STARTED, job.handler)
         if done is not None:
-            self._report(done, settled == 1)
-        if job is None:
-            return None
-        if start != "ok":
-            with self._lock:
-                self._jobs.pop(job.id, None)
-            if start == "cancelled" and self._events.wanted:
-                handler = self._handler(job.id, job.label)
-                with self._lock:
-                    self._emit_locked(_Kind.CANCELLED, handler)
-            return None
-        return self._attempt(job, attempt)
+            self._log_outcome(done, settled == 1)
+        return None if ctx is None else self._attempt(job, ctx, opts)  # type: ignore[arg-type]
 
-    def _attempt(self, job: Job, attempt: int) -> Outcome:
-        """Run the attempt the step started."""
-        registered = self._registry.get(job.name)
-        handler = self._handler(job.id, job.label)
-        opts = self._options(job)
-        deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
-        ctx = attempt_context(None, deadline, handler, attempt)
-        with self._lock:
-            job.ctx, job.attempt = ctx, attempt
-            self._busy += 1
+    def _ended_locked(self, job: Job) -> None:
+        """The attempt of `job` returned (its outcome is yet to be settled)."""
+        ctx = job.ctx
+        if ctx is not None:
+            job.ctx = None
+            self._busy -= 1
             if ctx._deadline is not None:
-                self._scheduler._push_locked(ctx, ctx._deadline, False)
-            if self._events.wanted:
-                self._emit_locked(_Kind.STARTED, handler)
+                self._scheduler._cancel_locked(ctx)
+
+    def _attempt(self, job: Job, ctx: Context, opts: Options) -> Outcome:
+        """Run the attempt the step started (its end is recorded by `_ended_locked`)."""
+        registered = self._registry.get(job.name)
+        if registered is None:  # claimed only when registered, and never unregistered
+            missing = LookupError(f"no task is registered as {job.name!r} here")
+            return self._failed(job, ctx, opts, missing, final=True)
         try:
-            if registered is None:  # claimed only when registered, and never unregistered
-                missing = LookupError(f"no task is registered as {job.name!r} here")
-                return self._failed(job, ctx, opts, missing, final=True)
-            try:
-                call = registered.bind(*job.args, **job.kwargs)
-            except TypeError as exc:  # a deploy changed the signature: no retry helps
-                return self._failed(job, ctx, opts, exc, final=True)
-            try:
-                value = call.do(ctx)
-            except BaseException as exc:
-                return self._failed(job, ctx, opts, exc)
-            if deadline is not None and time.monotonic() >= deadline:
-                late = DeadlineExceeded(f"attempt {attempt} returned after its deadline")
-                return self._failed(job, ctx, opts, late)
-            try:
-                encoded = encode_result(value, job.name)
-            except (TypeError, ValueError) as exc:
-                return self._failed(job, ctx, opts, exc, final=True)
-            return Outcome(job, "ok", value=encoded, result=value)
-        finally:
-            with self._lock:
-                job.ctx = None
-                self._busy -= 1
-                if ctx._deadline is not None:
-                    self._scheduler._cancel_locked(ctx)
-            ctx._detach()
+            value = registered.fn(ctx, *job.args, **job.kwargs)
+        except TypeError as exc:
+            # Raised by the call itself, not inside the task: the stored arguments no
+            # longer fit the function (a deploy changed it). No retry can help.
+            mismatch = exc.__traceback__ is not None and exc.__traceback__.tb_next is None
+            return self._failed(job, ctx, opts, exc, final=mismatch)
+        except BaseException as exc:
+            return self._failed(job, ctx, opts, exc)
+        deadline = ctx._deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            late = DeadlineExceeded(f"attempt {ctx.attempt} returned after its deadline")
+            return self._failed(job, ctx, opts, late)
+        try:
+            encoded = encode_result(value, job.name)
+        except (TypeError, ValueError) as exc:
+            return self._failed(job, ctx, opts, exc, final=True)
+        return Outcome(job, "ok", value=encoded, result=value)
 
     def _options(self, job: Job) -> Options:
         """The attempt's options: the registered ones, under the submission's own."""
@@ -209,21 +215,23 @@ class Workers(Services):
             failure.__cause__ = cause
         return Outcome(job, "fail", error=error, exc=exc, final=failure)
 
-    def _report(self, done: Outcome, settled: bool) -> None:
-        """After the settle: forget the job, tell the listeners and the log."""
+    def _report_locked(self, done: Outcome, settled: bool) -> None:
+        """After the settle: forget the job; tell the listeners."""
         job = done.job
-        handler = self._handler(job.id, job.label)
-        with self._lock:
-            if self._jobs.get(job.id) is job:
-                del self._jobs[job.id]
-            if settled and not job.discarded and self._events.wanted:
-                kind = {
-                    "ok": _Kind.SUCCEEDED,
-                    "retry": _Kind.RETRYING,
-                    "cancel": _Kind.CANCELLED,
-                }.get(done.kind, _Kind.FAILED)
-                error = done.exc if kind is _Kind.RETRYING else done.final
-                self._emit_locked(kind, handler, error=error, result=done.result)
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+        if settled and not job.discarded and self._events.wanted:
+            kind = {
+                "ok": _Kind.SUCCEEDED,
+                "retry": _Kind.RETRYING,
+                "cancel": _Kind.CANCELLED,
+            }.get(done.kind, _Kind.FAILED)
+            error = done.exc if kind is _Kind.RETRYING else done.final
+            self._emit_locked(kind, job.handler, error=error, result=done.result)
+
+    def _log_outcome(self, done: Outcome, settled: bool) -> None:
+        """After the settle, with no lock held: the log line of the outcome."""
+        job = done.job
         log = self._log
         if not settled:
             if not job.discarded:

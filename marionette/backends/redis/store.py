@@ -16,6 +16,8 @@ connection of its pool.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -110,10 +112,48 @@ class Store:
         #: The pub/sub channel of the namespace's wake-up messages.
         self.channel = self.prefix + "wake"
         self._ttl = int(result_ttl * 1000)
+        self._key = self.prefix + "id"  # the key every script declares (cluster routing)
+        self._local = threading.local()
         self._scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+        from redis.exceptions import NoScriptError
+
+        self._no_script = NoScriptError
 
     def _run(self, name: str, *args: Any) -> Any:
-        return self._scripts[name](keys=[self.prefix + "id"], args=[self.prefix, self._ttl, *args])
+        """Run a script on the calling thread's own connection.
+
+        redis-py's command path (its pool, retries, hooks and metrics) costs about
+        twice a loopback round trip here, and a script call is marionette's whole hot
+        path; marionette decides itself what a failed call means (see `Outages`). So
+        each thread keeps one connection of its own (made by the client's pool; not
+        shared, so no lock), closed after a failure (it reconnects on its next use),
+        and dropped in a child made by fork.
+        """
+        connection = self._connection()
+        script = self._scripts[name]
+        try:
+            try:
+                connection.send_command(
+                    "EVALSHA", script.sha, 1, self._key, self.prefix, self._ttl, *args
+                )
+                return connection.read_response()
+            except self._no_script:  # a restarted server forgot it: load it again
+                script.sha = self.client.script_load(script.script)
+                connection.send_command(
+                    "EVALSHA", script.sha, 1, self._key, self.prefix, self._ttl, *args
+                )
+                return connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+
+    def _connection(self) -> Any:
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():
+            connection = local.connection = self.client.connection_pool.make_connection()
+            local.pid = os.getpid()
+        return connection
 
     # -- transitions -------------------------------------------------------------
 
