@@ -39,7 +39,7 @@ from ._time import seconds
 from .context import Context
 
 if TYPE_CHECKING:
-    from .periodic import Periodic
+    from .backends.memory.periodic import MemoryPeriodic
 
 __all__ = ["Task", "TaskHandler", "TaskState"]
 
@@ -105,7 +105,7 @@ class Options:
     #: The concurrency group (see `Config.limits`).
     group: str | None = None
     #: The periodic this submission is a run of.
-    periodic: Periodic | None = None
+    periodic: MemoryPeriodic | None = None
     #: Whether a gate (key, group, periodic) must be passed: one check on the hot path.
     gated: bool = False
 

@@ -632,9 +632,10 @@ def test_a_finished_task_is_not_kept_alive_by_an_idle_manager(
             fired.append(True)
 
     submit = manager.queue if how != "delay" else functools.partial(manager.delay, 0)
-    handler = submit(task)
+    handler = manager.wrap_task(task)  # the callback is in place before the task can end
     future = handler.as_future()
     handler.add_done_callback(callback)
+    submit(handler)
     refs = [weakref.ref(x) for x in (task, handler, result, callback, future)]
     assert future.result(WAIT) is result
     with idle:

@@ -14,7 +14,7 @@ from marionette.backends.memory.handler import MemoryHandler
 from marionette.handler import TaskState
 
 if TYPE_CHECKING:
-    from marionette.periodic import Periodic
+    from marionette.backends.memory.periodic import MemoryPeriodic
 
 __all__ = ["Group", "Slot"]
 
@@ -35,7 +35,7 @@ class Slot:
         self.pending: MemoryHandler[Any] | None = None
         self.running: MemoryHandler[Any] | None = None
         self.parked = False  # `pending` waits here for `running` to end
-        self.periodic: Periodic | None = None
+        self.periodic: MemoryPeriodic | None = None
 
     def admit(self, handler: MemoryHandler[Any]) -> bool:
         """May `handler` start now? If not, it is parked until `running` ends."""

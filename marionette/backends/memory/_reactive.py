@@ -18,12 +18,13 @@ from typing import Any
 
 from marionette._time import aware, seconds
 from marionette.backends.memory.handler import MemoryHandler
+from marionette.backends.memory.periodic import MemoryPeriodic
+from marionette.backends.memory.periodic import _State as _PeriodicState
 from marionette.errors import TaskManagerStopped, Unschedulable
 from marionette.events import TaskEventKind
 from marionette.handler import Options, TaskState, default_name
 from marionette.manager import Lifecycle
 from marionette.periodic import Periodic, parse_cron, parse_zone
-from marionette.periodic import _State as _PeriodicState
 
 from ._core import MemoryCore
 from ._gates import Slot
@@ -122,21 +123,21 @@ class Reactive(MemoryCore):
                 slot = Slot(key)
                 if key is not None:
                     self._keys[key] = slot
-            periodic = Periodic(self, fn, name or default_name(task), key=key, **plan)
+            periodic = MemoryPeriodic(self, fn, name or default_name(task), key=key, **plan)
             periodic._slot = slot
             periodic._opts = dataclasses.replace(options, key=key, periodic=periodic, gated=True)
             slot.periodic = periodic
             self._plan_locked(periodic, periodic._first(first))
         return periodic
 
-    def _plan_locked(self, periodic: Periodic, plan: tuple[float, bool] | None) -> None:
+    def _plan_locked(self, periodic: MemoryPeriodic, plan: tuple[float, bool] | None) -> None:
         """Put a periodic's next occurrence in the scheduler (None: there is none)."""
         if plan is None:
             return
         due, wall = plan
         self._scheduler._push_locked(periodic, due, wall)
 
-    def _periodic_stop(self, periodic: Periodic, state: _PeriodicState) -> None:
+    def _periodic_stop(self, periodic: MemoryPeriodic, state: _PeriodicState) -> None:
         """`Periodic.cancel` and `Periodic.pause`."""
         with self._lock:
             if periodic._state is _PeriodicState.CANCELLED:
@@ -153,7 +154,7 @@ class Reactive(MemoryCore):
         if waiting is not None:
             waiting.cancel()
 
-    def _periodic_resume(self, periodic: Periodic) -> None:
+    def _periodic_resume(self, periodic: MemoryPeriodic) -> None:
         """`Periodic.resume`."""
         with self._lock:
             if periodic._state is not _PeriodicState.PAUSED:

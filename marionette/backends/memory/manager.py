@@ -27,6 +27,8 @@ from marionette import _threads
 from marionette._threads import owners
 from marionette._time import aware, seconds
 from marionette.backends.memory.handler import MemoryHandler
+from marionette.backends.memory.periodic import MemoryPeriodic
+from marionette.backends.memory.periodic import _State as _PeriodicState
 from marionette.context import Context
 from marionette.errors import QueueFull, TaskManagerStopped, Unschedulable
 from marionette.events import TaskEventKind
@@ -38,8 +40,6 @@ from marionette.handler import (
     TaskState,
 )
 from marionette.manager import Lifecycle
-from marionette.periodic import Periodic
-from marionette.periodic import _State as _PeriodicState
 from marionette.stats import GroupStats, Stats
 
 from ._gates import Group
@@ -272,7 +272,7 @@ class MemoryManager(Workers):
         else:
             wall, wait = False, seconds(when, "when", error=Unschedulable)
         with self._lock:
-            target: MemoryHandler[Any] | Periodic | None = None
+            target: MemoryHandler[Any] | MemoryPeriodic | None = None
             if isinstance(task, TaskHandler):
                 if not isinstance(task, MemoryHandler) or task._owner is not self:
                     raise ValueError(f"{task!r} belongs to another TaskManager")
@@ -383,7 +383,7 @@ class MemoryManager(Workers):
 
     # -- the scheduler's side ----------------------------------------------------
 
-    def _periodic_due(self, periodic: Periodic) -> None:
+    def _periodic_due(self, periodic: MemoryPeriodic) -> None:
         """An occurrence came due (scheduler thread): a new run, or merge into one."""
         with self._lock:
             if periodic._state is not _PeriodicState.ACTIVE:
@@ -405,15 +405,15 @@ class MemoryManager(Workers):
             if not periodic._fixed_delay:
                 self._plan_locked(periodic, periodic._following(time.monotonic(), time.time()))
 
-    def _on_due(self, item: MemoryHandler[Any] | Context | Periodic) -> None:
+    def _on_due(self, item: MemoryHandler[Any] | Context | MemoryPeriodic) -> None:
         """Called by the scheduler thread for each due item."""
-        if isinstance(item, TaskHandler):
+        if isinstance(item, MemoryHandler):
             with self._lock:
                 if item._state is _SCHEDULED:
                     item._state = _PENDING
                     self._scheduled -= 1
                     self._enqueue_locked(item)
-        elif isinstance(item, Periodic):
+        elif isinstance(item, MemoryPeriodic):
             self._periodic_due(item)
         else:
             self._overrun(item)

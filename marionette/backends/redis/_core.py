@@ -204,6 +204,8 @@ class RedisCore(TaskManager):
         # The parsed options of each registered task submitted without options of its
         # own (the registry never changes an entry, so neither does this).
         self._options_cache: dict[str, Options] = {}
+        #: Groups known to exist in the cluster (from Config.limits, set_limit, Redis).
+        self._known_groups: set[str] = set(config.limits)
         self._started_wall = 0.0
 
     # -- calling Redis -------------------------------------------------------------
@@ -231,6 +233,8 @@ class RedisCore(TaskManager):
         self._proc = f"{self._base_id}:{self._epoch}"
         self._started_wall = time.time()
         self._call(lambda: self._store.heartbeat(self._proc, self._lease_ms, self._info(), True))
+        for group, limit in self._config.limits.items():  # only where the cluster has none
+            self._call(lambda g=group, n=limit: self._store.limit(g, n, True))  # type: ignore[misc]
 
     def _info(self) -> dict[str, Any]:
         """What `inspect` shows of this process."""

@@ -23,6 +23,8 @@ All of it under the manager's lock (see `_core`).
 from __future__ import annotations
 
 import functools
+import json
+import math
 import threading
 import time
 from typing import Any
@@ -31,9 +33,11 @@ from marionette._queue import TaskQueue
 from marionette.backends.redis._core import Job, RedisCore
 from marionette.backends.redis.codec import CorruptPayload, decode_call
 from marionette.backends.redis.handler import decode_errors, label
+from marionette.backends.redis.periodic import following
 from marionette.backends.redis.store import Claimed
 from marionette.context import Context
 from marionette.errors import BackendUnavailable, describe
+from marionette.events import TaskEventKind
 
 __all__ = ["PROMOTE", "Services"]
 
@@ -339,18 +343,52 @@ class Services(RedisCore):
             self._overrun(item)
 
     def _promote(self) -> None:
+        """Promote the due tasks of the shared schedule, fire the due occurrences of
+        periodics, and sleep until the next due time (the first process to wake does
+        each; the others find nothing to do)."""
         while True:
             try:
-                count, wait, now = self._background(
+                count, wait, now, periodics = self._background(
                     lambda: self._store.promote(_PROMOTE_BATCH), self._halting
                 )
             except self._outages.errors:
                 return
             self._skew = now / 1000 - time.time()
-            if count < _PROMOTE_BATCH:
+            for key, grid, spec in periodics:
+                if not self._fire(key, grid, spec, now):
+                    return
+            if count < _PROMOTE_BATCH and not periodics:
                 break
         if wait >= 0:
             self._arm(wait / 1000)
+
+    def _fire(self, key: str, grid: int, spec: str, now: int) -> bool:
+        """Fire one due occurrence (False if stopping)."""
+        try:
+            planned = following(json.loads(spec), grid, now)
+        except (ValueError, KeyError) as exc:  # a definition it cannot read: drop the plan
+            self._log.error("periodic definition unreadable", key=key, error=describe(exc))
+            planned = None
+        next_grid, next_due = (None, None) if planned is None else planned
+        try:
+            outcome, task_id = self._background(
+                lambda: self._store.fire(
+                    key,
+                    grid,
+                    None if next_grid is None else int(next_grid),
+                    None if next_due is None else math.ceil(next_due),
+                ),
+                self._halting,
+            )
+        except self._outages.errors:
+            return False
+        if outcome and self._events.wanted:
+            kind = TaskEventKind.SUBMITTED if outcome == 1 else TaskEventKind.COALESCED
+            if kind in self._events.wanted:
+                handler = self._handler(task_id, None)
+                with self._lock:
+                    self._emit_locked(kind, handler)
+        return True
 
     def _overrun(self, ctx: Context) -> None:
         """An attempt's deadline passed: report it once if that attempt still runs."""

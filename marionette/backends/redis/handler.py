@@ -37,6 +37,8 @@ __all__ = ["RedisHandler", "decode_errors", "label", "state_of"]
 _STATES = {
     "q": TaskState.PENDING,
     "c": TaskState.PENDING,
+    "k": TaskState.PENDING,
+    "g": TaskState.PENDING,
     "s": TaskState.SCHEDULED,
     "r": TaskState.RUNNING,
     "S": TaskState.SUCCEEDED,
@@ -116,7 +118,7 @@ class RedisHandler(TaskHandler[T]):
     @property
     def due(self) -> datetime | None:
         fields = self._fields()
-        if fields is None or fields.state not in "qcs":
+        if fields is None or fields.state not in "qckgs":
             return None
         at = fields.due if fields.due is not None else fields.submitted
         return datetime.fromtimestamp(at / 1000, UTC)

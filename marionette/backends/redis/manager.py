@@ -20,7 +20,7 @@ import json
 import math
 import time
 import types
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from marionette import _threads
@@ -28,12 +28,14 @@ from marionette._time import aware, seconds
 from marionette.backends.redis._workers import Workers
 from marionette.backends.redis.codec import encode_call, encode_options
 from marionette.backends.redis.handler import RedisHandler, label
+from marionette.backends.redis.periodic import RedisPeriodic, definition, first_plan, resumed
 from marionette.errors import TaskManagerStopped, Unschedulable, text
 from marionette.events import TaskEventKind
 from marionette.handler import Submittable, T, TaskHandler
 from marionette.manager import Lifecycle, remaining
+from marionette.periodic import Periodic, parse_cron, parse_zone
 from marionette.registry import Call, RegisteredTask
-from marionette.stats import Stats
+from marionette.stats import GroupStats, Stats
 
 __all__ = ["RedisManager"]
 
@@ -43,6 +45,8 @@ __all__ = ["RedisManager"]
 _SHARED_OPTIONS = ("name", "error", "key", "group")
 #: `pending()`'s bound when none is given.
 PENDING_LIMIT = 1000
+#: The shortest `every` interval (as in memory).
+MIN_INTERVAL = 1e-6
 
 
 class RedisManager(Workers):
@@ -92,22 +96,44 @@ class RedisManager(Workers):
         options = encode_options({**self._travelling(registered), **opts})
         payload = encode_call(registered.name, call.args, call.kwargs)
         options_text = json.dumps(options, separators=(",", ":")) if options else ""
+        key, group = options.get("key", ""), options.get("group", "")
+        if group:
+            self._check_group(group)
         if self._state is not Lifecycle.RUNNING:
             raise TaskManagerStopped()
         proc, token, lane = self._proc, str(next(self._tokens)), self._take_lane()
         try:
-            task_id = self._call(
+            task_id, new = self._call(
                 lambda: self._store.submit(
-                    proc, lane, token, registered.name, payload, options_text, mode, when
+                    proc,
+                    lane,
+                    token,
+                    registered.name,
+                    payload,
+                    options_text,
+                    mode,
+                    when,
+                    key,
+                    group,
                 )
             )
         finally:
             self._give_lane(lane)
         handler = self._handler(task_id, label(registered.name, options_text))
-        if TaskEventKind.SUBMITTED in self._events.wanted:
+        if new and TaskEventKind.SUBMITTED in self._events.wanted:
             with self._lock:
                 self._emit_locked(TaskEventKind.SUBMITTED, handler)
         return handler
+
+    def _check_group(self, group: str) -> None:
+        """An unknown group raises `ValueError` (a typo must not lift a limit)."""
+        if group in self._known_groups:
+            return
+        if not self._call(lambda: self._store.is_group(group)):
+            raise ValueError(
+                f"unknown group {group!r}: configure it in Config.limits or set_limit()"
+            )
+        self._known_groups.add(group)
 
     def _travelling(self, registered: RegisteredTask[Any, Any]) -> dict[str, Any]:
         """The options of `registered` that its task must carry: those every process
@@ -182,6 +208,7 @@ class RedisManager(Workers):
             uptime = (
                 time.monotonic() - self._started_at if self._state is not Lifecycle.STOPPED else 0.0
             )
+        groups = self._call(self._store.groups)
         return Stats(
             workers=self._config.workers,
             busy=busy,
@@ -194,10 +221,189 @@ class RedisManager(Workers):
             retried=counters.get("retried", 0),
             cancelled=counters.get("cancelled", 0),
             coalesced=counters.get("coalesced", 0),
-            groups=types.MappingProxyType({}),
+            groups=types.MappingProxyType(
+                {
+                    name: GroupStats(limit, running, waiting)
+                    for name, (limit, running, waiting) in groups.items()
+                }
+            ),
             uptime=uptime,
             processes=processes,
         )
+
+    # -- keys, rescheduling, groups ------------------------------------------------
+
+    def get(self, key: str) -> TaskHandler[Any] | None:
+        """The key's pending task in the cluster, else its running one, else None."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {key!r}")
+        pending, running = self._call(lambda: self._store.key_tasks(key))
+        task_id = pending if pending is not None else running
+        return None if task_id is None else self.handler(task_id)
+
+    def reschedule(
+        self, task: str | TaskHandler[Any], when: float | datetime, *, only_sooner: bool = False
+    ) -> bool:
+        """Move a scheduled task of the cluster (delayed, scheduled, or waiting for a
+        retry; by key or handler) to `when` (a delay or an aware `datetime`); for a
+        key with no such task, its periodic's next occurrence. With `only_sooner`, only
+        to an earlier time. Returns whether it moved."""
+        if not isinstance(task, (str, TaskHandler)):
+            raise TypeError(f"task must be a key or a TaskHandler, not {task!r}")
+        if isinstance(when, datetime):
+            due = math.ceil(aware(when, "when").timestamp() * 1000)
+        else:
+            wait = seconds(when, "when", error=Unschedulable)
+            due = math.ceil((time.time() + self._skew + max(0.0, wait)) * 1000)
+        if isinstance(task, TaskHandler):
+            if not isinstance(task, RedisHandler) or task._manager is not self:
+                raise ValueError(f"{task!r} belongs to another TaskManager")
+            return self._call(lambda: self._store.move(task.id, due, only_sooner))
+        pending, running = self._call(lambda: self._store.key_tasks(task))
+        for task_id in (pending, running):
+            if task_id is not None and self._call(
+                lambda i=task_id: self._store.move(i, due, only_sooner)  # type: ignore[misc]
+            ):
+                return True
+        return self._call(lambda: self._store.replan(task, due, only_sooner))
+
+    def set_limit(self, group: str, limit: int) -> None:
+        """Set or add a group's limit for the whole cluster (`n` an int >= 1, else
+        `ValueError`); raising it starts waiting tasks at once, lowering it lets
+        running tasks finish and holds new starts until the group is under it."""
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"group must be a non-empty str, not {group!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+        self._call(lambda: self._store.limit(group, limit, False))
+        self._known_groups.add(group)
+
+    # -- periodics -------------------------------------------------------------------
+
+    def every(
+        self,
+        interval: float | timedelta,
+        task: Any,
+        *,
+        start: float | timedelta | datetime | None = None,
+        jitter: float | timedelta = 0,
+        fixed_delay: bool = False,
+        key: str | None = None,
+        **opts: Any,
+    ) -> Periodic:
+        """Run a registered call every `interval` seconds, once per occurrence in the
+        whole cluster; `key` (required on Redis) is the periodic's identity. A process
+        defining a key that exists joins it (keeping the cluster's schedule: `start`
+        is not part of the definition); a different definition replaces it."""
+        period = seconds(interval, "interval")
+        if period < MIN_INTERVAL:
+            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, not {interval!r}")
+        spread = seconds(jitter, "jitter", allow_negative=False)
+        if fixed_delay is not True and fixed_delay is not False:
+            raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
+        now = (time.time() + self._skew) * 1000
+        if start is None:
+            first = now + period * 1000
+        elif isinstance(start, datetime):
+            first = max(now, aware(start, "start").timestamp() * 1000)
+        else:
+            first = now + max(0.0, seconds(start, "start", error=Unschedulable)) * 1000
+        return self._define(
+            "every", task, key, opts, first, interval=period, fixed_delay=fixed_delay, jitter=spread
+        )
+
+    def cron(
+        self, expression: str, task: Any, *, tz: Any = None, key: str | None = None, **opts: Any
+    ) -> Periodic:
+        """Run a registered call at the times a cron expression names in `tz` (a zone
+        name or a `zoneinfo.ZoneInfo`), once per occurrence in the whole cluster; `key`
+        is required on Redis (see `every`)."""
+        text = parse_cron(expression)
+        zone = parse_zone(tz)
+        name = getattr(zone, "key", None) or ("UTC" if zone is UTC else None)
+        if name is None:
+            raise TypeError(f"on Redis, tz must be a zone name or a zoneinfo.ZoneInfo, not {tz!r}")
+        now = (time.time() + self._skew) * 1000
+        return self._define("cron", task, key, opts, now, cron=text, tz=name)
+
+    def _define(
+        self, kind: str, task: Any, key: str | None, opts: dict[str, Any], start: float, **plan: Any
+    ) -> Periodic:
+        if key is None:
+            raise ValueError("on Redis, every() and cron() need a key=: the periodic's identity")
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key must be a non-empty str, not {key!r}")
+        if "key" in opts:
+            raise TypeError("key is given once, as every(..., key=...) / cron(..., key=...)")
+        call = _call_of(task)
+        registered = call.task
+        options = encode_options({**self._travelling(registered), **opts})
+        options.pop("key", None)
+        group = options.get("group", "")
+        if group:
+            self._check_group(group)
+        payload = encode_call(registered.name, call.args, call.kwargs)
+        options_text = json.dumps(options, separators=(",", ":")) if options else ""
+        spec_text = definition(kind, registered.name, payload, options_text, group, **plan)
+        spec = json.loads(spec_text)
+        if self._state is not Lifecycle.RUNNING:
+            raise TaskManagerStopped()
+        now = (time.time() + self._skew) * 1000
+        planned = first_plan(spec, start, now)
+        if planned is None:
+            raise ValueError(f"the cron expression {plan.get('cron')!r} names no time ahead")
+        grid, due = planned
+        outcome = self._call(
+            lambda: self._store.define(
+                key,
+                spec_text,
+                (registered.name, payload, options_text, group),
+                (
+                    "1" if spec["fixed_delay"] else "",
+                    int(spec["interval"] * 1000),
+                    int(spec["jitter"] * 1000),
+                ),
+                (int(grid), math.ceil(due)),
+            )
+        )
+        if outcome == "replaced":
+            self._log.warning("periodic definition replaced", key=key, task=registered.name)
+        return RedisPeriodic(self, key, label(registered.name, options_text))
+
+    def periodics(self) -> list[Periodic]:
+        """The cluster's periodics."""
+        found: list[Periodic] = []
+        for key in self._call(self._store.periodic_keys):
+            fields = self._periodic_fields(key)
+            if fields:
+                found.append(
+                    RedisPeriodic(self, key, label(fields.get("rn", key), fields.get("ro")))
+                )
+        return found
+
+    def _periodic_fields(self, key: str) -> dict[str, str]:
+        return self._call(lambda: self._store.periodic(key))
+
+    def _periodic_due(self, key: str) -> float | None:
+        return self._call(lambda: self._store.periodic_due(key))
+
+    def _periodic_stop(self, key: str, how: str) -> None:
+        """`Periodic.pause` ('p') and `Periodic.cancel` ('x'), for the whole cluster."""
+        cancelled = self._call(lambda: self._store.pause(key, how))
+        if cancelled > 0 and TaskEventKind.CANCELLED in self._events.wanted:
+            handler = self._handler(cancelled, None)
+            with self._lock:
+                self._emit_locked(TaskEventKind.CANCELLED, handler)
+
+    def _periodic_resume(self, key: str) -> None:
+        fields = self._periodic_fields(key)
+        if fields.get("state") != "p":
+            return
+        now = (time.time() + self._skew) * 1000
+        planned = resumed(json.loads(fields["def"]), float(fields.get("grid", now)), now)
+        if planned is not None:
+            grid, due = planned
+            self._call(lambda: self._store.resume(key, int(grid), math.ceil(due)))
 
     def handler(self, task_id: int) -> TaskHandler[Any] | None:
         """A handler for any task of the cluster, by id; None when Redis does not

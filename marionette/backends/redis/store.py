@@ -1,6 +1,7 @@
 """Store: a namespace's data in Redis, changed only by one atomic Lua script per
 transition (scripts/*.lua: submit, claim, step, promote, heartbeat, handback, leave,
-cancel, watch, dead, requeue, purge, recover).
+cancel, watch, dead, requeue, purge, recover; for keys, groups and periodics: move,
+limit, define, fire, pause, resume, replan).
 
 Every key of a namespace ``ns`` starts with ``{ns}:``, one hash tag, so a Redis
 Cluster keeps them in one slot and the scripts may touch any of them. Each script is
@@ -28,13 +29,20 @@ _SCRIPTS = (
     "cancel",
     "claim",
     "dead",
+    "define",
+    "fire",
     "handback",
     "heartbeat",
     "leave",
+    "limit",
+    "move",
+    "pause",
     "promote",
     "purge",
     "recover",
+    "replan",
     "requeue",
+    "resume",
     "step",
     "submit",
     "watch",
@@ -167,9 +175,16 @@ class Store:
         options: str,
         mode: str,
         when: int,
-    ) -> int:
-        """A new task's id (the same id for a retried call with the same lane token)."""
-        return int(self._run("submit", proc, lane, token, name, payload, options, mode, when))
+        key: str,
+        group: str,
+    ) -> tuple[int, bool]:
+        """(the task's id, whether it is new): with a key whose pending task exists,
+        that task's id and False. A retried call with the same lane token returns what
+        the first did."""
+        task_id, new = self._run(
+            "submit", proc, lane, token, name, payload, options, mode, when, key, group
+        )
+        return int(task_id), bool(new)
 
     def claim(self, proc: str, limit: int, names: list[str]) -> tuple[int, list[Claimed]] | None:
         """(server now, claimed tasks), or None when `proc` has no lease."""
@@ -231,10 +246,58 @@ class Store:
         attempt = int(started[1]) if outcome == "ok" else 0
         return int(reply[0]), outcome, attempt
 
-    def promote(self, limit: int) -> tuple[int, int, int]:
-        """(tasks promoted, ms until the next due one or -1, server now)."""
-        count, wait, now = self._run("promote", limit)
-        return int(count), int(wait), int(now)
+    def promote(self, limit: int) -> tuple[int, int, int, list[tuple[str, int, str]]]:
+        """(tasks promoted, ms until the next due task or occurrence or -1, server now,
+        the periodics due now as (key, grid, definition))."""
+        reply = self._run("promote", limit)
+        due = [(_text(key), int(float(grid)), _text(spec)) for key, grid, spec in reply[3:]]
+        return int(reply[0]), int(reply[1]), int(reply[2]), due
+
+    def fire(
+        self, key: str, grid: int, next_grid: int | None, next_due: int | None
+    ) -> tuple[int, int]:
+        """Fire a periodic's occurrence planned at `grid`: (0, 0) if another process
+        did, (1, run id) for a new run, (2, pending run id) when it merged into it."""
+        reply = self._run(
+            "fire",
+            key,
+            grid,
+            "" if next_grid is None else next_grid,
+            "" if next_due is None else next_due,
+        )
+        return int(reply[0]), int(reply[1]) if len(reply) > 1 else 0
+
+    def define(
+        self,
+        key: str,
+        spec: str,
+        run: tuple[str, str, str, str],
+        plan: tuple[str, int, int],
+        first: tuple[int, int],
+    ) -> str:
+        """Make, join or replace a periodic: 'created', 'joined' or 'replaced'.
+
+        `run` is (task name, payload, options, group) of its runs; `plan` is
+        (fixed delay '1' or '', interval ms, jitter ms); `first` is (grid, due) of the
+        first occurrence, used unless it is joined."""
+        return _text(self._run("define", key, spec, *run, *plan, *first))
+
+    def pause(self, key: str, how: str) -> int:
+        """Pause ('p') or end ('x') a periodic: the run it cancelled, 0, or -1."""
+        return int(self._run("pause", key, how))
+
+    def resume(self, key: str, grid: int, due: int) -> bool:
+        return bool(self._run("resume", key, grid, due))
+
+    def limit(self, group: str, limit: int, only_if_unset: bool) -> int:
+        """Set a group's limit (or only if it has none): the limit in force."""
+        return int(self._run("limit", group, limit, "1" if only_if_unset else "0"))
+
+    def move(self, task_id: int, due: int, only_sooner: bool) -> bool:
+        return bool(self._run("move", task_id, due, "1" if only_sooner else "0"))
+
+    def replan(self, key: str, due: int, only_sooner: bool) -> bool:
+        return bool(self._run("replan", key, due, "1" if only_sooner else "0"))
 
     def heartbeat(
         self, proc: str, lease_ms: int, info: dict[str, Any] | None, register: bool
@@ -330,11 +393,45 @@ class Store:
             if state is None:
                 continue
             entry = (task_id, _text(name), None if options is None else _text(options))
-            if _text(state) in ("q", "c"):
+            if _text(state) in ("q", "c", "k", "g"):
                 queued.append(entry)
             elif _text(state) == "s":
                 scheduled.append(entry)
         return queued[:limit], scheduled[:limit]
+
+    def key_tasks(self, key: str) -> tuple[int | None, int | None]:
+        """(pending, running) task ids of a key."""
+        pending, running = self.client.hmget(f"{self.prefix}key:{key}", "p", "r")
+        return (
+            None if pending is None else int(pending),
+            None if running is None else int(running),
+        )
+
+    def groups(self) -> dict[str, tuple[int, int, int]]:
+        """Every group of the cluster: (limit, slots held, tasks waiting)."""
+        names = sorted(_text(g) for g in self.client.smembers(self.prefix + "groups"))
+        out = {}
+        for name in names:
+            limit, running = self.client.hmget(f"{self.prefix}g:{name}", "limit", "running")
+            waiting = self.client.llen(f"{self.prefix}gw:{name}")
+            out[name] = (int(limit or 0), max(0, int(running or 0)), int(waiting))
+        return out
+
+    def is_group(self, group: str) -> bool:
+        return bool(self.client.sismember(self.prefix + "groups", group))
+
+    def periodic_keys(self) -> list[str]:
+        return sorted(_text(k) for k in self.client.smembers(self.prefix + "periodics"))
+
+    def periodic(self, key: str) -> dict[str, str]:
+        """A periodic's fields (empty when it does not exist)."""
+        raw = self.client.hgetall(f"{self.prefix}per:{key}")
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def periodic_due(self, key: str) -> float | None:
+        """When a periodic's next occurrence is due (server ms), or None."""
+        score = self.client.zscore(self.prefix + "pers", key)
+        return None if score is None else float(score)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.client.lrange(self.prefix + "dead", 0, -1)]

@@ -8,9 +8,13 @@ end
 local t = K .. 't:' .. id
 local now = now_ms()
 gauge('queued', -1)
+local group = redis.call('HGET', t, 'G')
+if group then
+  group_free(group)
+end
 append_error(t, cjson.encode({type = 'ValueError', message = reason, traceback = ''}))
 count('failed')
 dead_letter(id, redis.call('HGET', t, 'n') or '', reason, now)
-finish(t, id, 'D', now, nil)
+finish(t, id, 'D', now, false)
 check_idle()
 return 1

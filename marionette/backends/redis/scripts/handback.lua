@@ -7,7 +7,7 @@ local now = now_ms()
 local n = 0
 for i = 4, #ARGV do
   if redis.call('SREM', claims, ARGV[i]) == 1 then
-    release(ARGV[i], proc, now, tonumber(ARGV[2]))
+    release(ARGV[i], proc, now)
     n = n + 1
   end
 end

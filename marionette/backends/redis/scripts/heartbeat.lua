@@ -15,7 +15,7 @@ end
 local reaped = 0
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', procs, '-inf', now, 'LIMIT', 0, 16)) do
   if gone ~= proc then
-    reap(gone, now, tonumber(ARGV[2]))
+    reap(gone, now)
     reaped = reaped + 1
   end
 end

@@ -1,6 +1,8 @@
--- Move up to `max` scheduled tasks that are due into their queues: ARGV = K, ttl, max.
--- Atomic, so each due task is promoted once whichever processes race to do it.
--- Returns {promoted, wait_ms until the next due task (-1: none), now}.
+-- Move up to `max` scheduled tasks that are due into their queues, and list the
+-- periodics whose occurrence is due: ARGV = K, ttl, max. Atomic, so each due task is
+-- promoted once whichever processes race to do it; a periodic's occurrence is fired
+-- by `fire` (once: it checks the grid it was given). Returns {promoted, wait_ms until
+-- the next due task or occurrence (-1: none), now, {key, grid, definition}...}.
 local now = now_ms()
 local sched = K .. 'sched'
 local ids = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
@@ -17,9 +19,21 @@ for _, id in ipairs(ids) do
     dead_letter(id, '', 'unknown task id', now)
   end
 end
-local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-local wait = -1
-if first[2] then
-  wait = tonumber(first[2]) - now
+local out = {#ids, -1, now}
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', K .. 'pers', '-inf', now, 'LIMIT', 0, 100)) do
+  local f = redis.call('HMGET', K .. 'per:' .. key, 'grid', 'def')
+  if f[2] then
+    out[#out + 1] = {key, f[1], f[2]}
+  else
+    redis.call('ZREM', K .. 'pers', key)  -- cancelled meanwhile
+  end
 end
-return {#ids, wait, now}
+local wait = -1
+for _, zset in ipairs({sched, K .. 'pers'}) do
+  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  if first[2] and (wait < 0 or tonumber(first[2]) - now < wait) then
+    wait = math.max(0, tonumber(first[2]) - now)
+  end
+end
+out[2] = wait
+return out

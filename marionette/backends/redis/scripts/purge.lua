@@ -9,7 +9,7 @@ while true do
   end
   local t = K .. 't:' .. tostring(cjson.decode(entry).id)
   if redis.call('HGET', t, 's') == 'D' then
-    redis.call('PEXPIRE', t, tonumber(ARGV[2]))
+    redis.call('PEXPIRE', t, TTL)
   end
   n = n + 1
 end

@@ -12,7 +12,7 @@ while true do
   local f = redis.call('HMGET', t, 's', 'n')
   if f[1] == 'D' or f[1] == 'F' then
     redis.call('HSET', t, 's', 'q')
-    redis.call('HDEL', t, 'E', 'x')
+    redis.call('HDEL', t, 'E', 'x', 'K', 'P')  -- it no longer holds a key or a run
     redis.call('PERSIST', t)
     gauge('queued', 1)
     count('submitted')

@@ -1,6 +1,7 @@
 -- A worker's one round trip per task: settle the attempt it finished and start the
 -- one it took. ARGV = K, ttl, proc, done_id, kind, value, error, delay_ms, next_id
--- (done_id or next_id may be '').
+-- (done_id or next_id may be ''). A group slot is given back when an attempt ends;
+-- a started task becomes its key's running task.
 -- kind: 'ok' (value is the result), 'retry' (after delay_ms), 'fail', 'base' (a
 -- BaseException: result() raises it itself), 'cancel'. Only a task in the process's
 -- claim set can be settled or started: a process that lost it (presumed dead, its
@@ -10,7 +11,6 @@
 local proc = ARGV[3]
 local claims = K .. 'claims:' .. proc
 local now = now_ms()
-local ttl = tonumber(ARGV[2])
 local settled = -1
 local done = ARGV[4]
 if done ~= '' then
@@ -20,6 +20,10 @@ if done ~= '' then
     local t = K .. 't:' .. done
     local kind, value, err = ARGV[5], ARGV[6], ARGV[7]
     gauge('running', -1)
+    local group = redis.call('HGET', t, 'G')
+    if group then  -- the attempt's slot: a retry's wait holds none
+      group_free(group)
+    end
     if err ~= '' then
       append_error(t, err)
     end
@@ -29,7 +33,7 @@ if done ~= '' then
     if kind == 'ok' then
       redis.call('HSET', t, 'v', value)
       count('succeeded')
-      finish(t, done, 'S', now, ttl)
+      finish(t, done, 'S', now, true)
     elseif kind == 'retry' then
       redis.call('HINCRBY', t, 'f', 1)
       redis.call('HDEL', t, 'p', 'lo')
@@ -50,10 +54,10 @@ if done ~= '' then
         redis.call('HSET', t, 'x', 'b')
       end
       count('failed')
-      finish(t, done, 'F', now, ttl)
+      finish(t, done, 'F', now, true)
     else
       count('cancelled')
-      finish(t, done, 'C', now, ttl)
+      finish(t, done, 'C', now, true)
     end
   end
 end
@@ -69,7 +73,15 @@ if nxt ~= '' then
       redis.call('HSET', t, 's', 'r')
       gauge('queued', -1)
       gauge('running', 1)
-      start = {'ok', redis.call('HINCRBY', t, 'at', 1)}
+      local attempt = redis.call('HINCRBY', t, 'at', 1)
+      local f = redis.call('HMGET', t, 'K', 'P')
+      if f[1] then
+        key_started(f[1], nxt)
+      end
+      if f[2] and attempt == 1 then
+        redis.call('HINCRBY', K .. 'per:' .. f[2], 'runs', 1)
+      end
+      start = {'ok', attempt}
     elseif state == 'r' then
       start = {'ok', tonumber(redis.call('HGET', t, 'at'))}  -- retried after a lost reply
     else
