@@ -564,6 +564,10 @@ class TaskManager:
         """Run `task` at the times a cron expression names; returns its `Periodic`."""
         raise NotImplementedError
 
+    def periodics(self) -> list[Periodic]:
+        """The periodics of this manager (in memory) or of the cluster (on Redis)."""
+        raise NotImplementedError
+
     def _on_due(self, item: Any) -> None:
         """Called by the scheduler thread for each due item."""
         raise NotImplementedError

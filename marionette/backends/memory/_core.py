@@ -24,6 +24,7 @@ from typing import Any
 
 from marionette._queue import TaskQueue
 from marionette.backends.memory.handler import MemoryHandler
+from marionette.backends.memory.periodic import MemoryPeriodic
 from marionette.config import Config
 from marionette.context import Context
 from marionette.events import TaskEventKind
@@ -67,6 +68,8 @@ class MemoryCore(TaskManager):
         # full), in the order they were held; released to the front of the queue.
         self._parked: dict[MemoryHandler[Any], None] = {}
         self._groups = {name: Group(name, n) for name, n in config.limits.items()}
+        # The periodics not cancelled, in the order they were made.
+        self._periodics: dict[MemoryPeriodic, None] = {}
         self._active = 0  # submitted and not finished: what join() waits for
         self._scheduled = 0  # of those, waiting in the scheduler
         self._foreign = 0  # attempts run by exec() rather than by a worker

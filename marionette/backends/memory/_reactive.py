@@ -127,8 +127,15 @@ class Reactive(MemoryCore):
             periodic._slot = slot
             periodic._opts = dataclasses.replace(options, key=key, periodic=periodic, gated=True)
             slot.periodic = periodic
+            self._periodics[periodic] = None
             self._plan_locked(periodic, periodic._first(first))
         return periodic
+
+    def periodics(self) -> list[Periodic]:
+        """The manager's periodics (paused ones too; cancelled ones are gone), oldest
+        first."""
+        with self._lock:
+            return list(self._periodics)
 
     def _plan_locked(self, periodic: MemoryPeriodic, plan: tuple[float, bool] | None) -> None:
         """Put a periodic's next occurrence in the scheduler (None: there is none)."""
@@ -150,6 +157,7 @@ class Reactive(MemoryCore):
             waiting = slot.pending
             if state is _PeriodicState.CANCELLED:
                 slot.periodic = None
+                self._periodics.pop(periodic, None)
                 self._forget_slot_locked(slot)
         if waiting is not None:
             waiting.cancel()

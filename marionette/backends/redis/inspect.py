@@ -42,7 +42,8 @@ class Inspector:
 
     def snapshot(self) -> dict[str, Any]:
         """Processes (host, pid, workers, busy, heartbeat age), counts per task name
-        (queued, scheduled, running, failed), the next due tasks, the counters, the
+        (queued, scheduled, running, failed), groups (limit, running, waiting),
+        periodics (next run, runs, coalesced), the next due tasks, the counters, the
         dead letters."""
         now = self._now_ms()
         prefix, client = self._prefix, self._client
@@ -90,10 +91,34 @@ class Inspector:
             }
             for name in sorted({*names, *scheduled, *running, *failed})
         }
+        groups = {
+            name: {"limit": limit, "running": running, "waiting": waiting}
+            for name, (limit, running, waiting) in self._store.groups().items()
+        }
+        periodics = []
+        for key in self._store.periodic_keys():
+            fields = self._store.periodic(key)
+            if not fields:
+                continue
+            due = self._store.periodic_due(key)
+            spec = json.loads(fields.get("def", "{}"))
+            periodics.append(
+                {
+                    "key": key,
+                    "task": fields.get("rn"),
+                    "schedule": spec.get("cron") or f"every {spec.get('interval')}s",
+                    "state": {"a": "active", "p": "paused"}.get(fields.get("state", ""), "?"),
+                    "next_run": None if due is None else _iso(due),
+                    "runs": int(fields.get("runs", 0)),
+                    "coalesced": int(fields.get("coalesced", 0)),
+                }
+            )
         return {
             "namespace": prefix[1:-2],
             "time": _iso(now),
             "processes": processes,
+            "groups": groups,
+            "periodics": periodics,
             "counters": self._store.counters(),
             "tasks": by_name,
             "scheduled_total": int(client.zcard(prefix + "sched")),
@@ -152,6 +177,32 @@ def render(snapshot: dict[str, Any]) -> str:
         ),
         f"scheduled: {snapshot['scheduled_total']}",
     ]
+    if snapshot["groups"]:
+        lines += ["", "groups"]
+        lines += _table(
+            [["group", "limit", "running", "waiting"]]
+            + [
+                [name, str(g["limit"]), str(g["running"]), str(g["waiting"])]
+                for name, g in snapshot["groups"].items()
+            ]
+        )
+    if snapshot["periodics"]:
+        lines += ["", "periodics"]
+        lines += _table(
+            [["key", "task", "schedule", "state", "next run", "runs", "coalesced"]]
+            + [
+                [
+                    p["key"],
+                    str(p["task"]),
+                    p["schedule"],
+                    p["state"],
+                    str(p["next_run"] or "-"),
+                    str(p["runs"]),
+                    str(p["coalesced"]),
+                ]
+                for p in snapshot["periodics"]
+            ]
+        )
     if snapshot["next_due"]:
         lines += ["", "next due"]
         lines += _table(
