@@ -46,9 +46,19 @@ def suicide(ctx: Context, key: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@tm.task(name="stamp")
+@tm.task(name="stamp", retries=20, backoff=0.2)
 def stamp(ctx: Context, key: str) -> float:
-    """Push the wall time it ran at to ``key`` and return it."""
+    """Push the wall time it ran at to ``key`` and return it (retried while the test
+    keeps Redis down: the task's own client fails then too)."""
     now = time.time()
     _client.rpush(key, now)
     return now
+
+
+@tm.task(name="span")
+def span(ctx: Context, key: str, seconds: float) -> int:
+    """Push "task_id start end" (wall times) to ``key`` around a wait of `seconds`."""
+    start = time.time()
+    ctx.wait(seconds)
+    _client.rpush(key, f"{ctx.task_id} {start} {time.time()}")
+    return os.getpid()

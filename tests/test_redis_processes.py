@@ -38,12 +38,15 @@ ROOT = TESTS.parent
 class Worker:
     """A worker subprocess; `started` is set once its manager started."""
 
-    def __init__(self, backend: str, direct: str, namespace: str, lease: float, workers: int):
+    def __init__(
+        self, backend: str, direct: str, namespace: str, lease: float, workers: int, limits: str
+    ):
         env = {
             **os.environ,
             "MARIONETTE_BACKEND": backend,
             "MARIONETTE_NAMESPACE": namespace,
             "MARIONETTE_LEASE": str(lease),
+            "MARIONETTE_LIMITS": limits,
             "MARIONETTE_TEST_REDIS": direct,
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]),
         }
@@ -110,8 +113,10 @@ def workers() -> Iterator[Callable[..., Worker]]:
     reaped after the test."""
     started: list[Worker] = []
 
-    def spawn(backend: str, direct: str, namespace: str, lease: float, workers: int = 2) -> Worker:
-        worker = Worker(backend, direct, namespace, lease, workers)
+    def spawn(
+        backend: str, direct: str, namespace: str, lease: float, workers: int = 2, limits: str = ""
+    ) -> Worker:
+        worker = Worker(backend, direct, namespace, lease, workers, limits)
         started.append(worker)
         worker.wait_for("task manager started")
         return worker
@@ -121,10 +126,14 @@ def workers() -> Iterator[Callable[..., Worker]]:
         worker.close()
 
 
-def local(url: str, namespace: str, lease: float, workers: int = 0) -> TaskManager:
+def local(
+    url: str, namespace: str, lease: float, workers: int = 0, limits: dict[str, int] | None = None
+) -> TaskManager:
     """A manager in this process with the same task names as the workers (never run
     here unless `workers`)."""
-    tm = TaskManager(backend=url, namespace=namespace, lease=lease, workers=workers)
+    tm = TaskManager(
+        backend=url, namespace=namespace, lease=lease, workers=workers, limits=limits or {}
+    )
 
     @tm.task(name="hold")
     def hold(ctx: Context, key: str) -> int:
@@ -142,8 +151,31 @@ def local(url: str, namespace: str, lease: float, workers: int = 0) -> TaskManag
     def pid(ctx: Context) -> int:
         return os.getpid()
 
+    @tm.task(name="span")
+    def span(ctx: Context, key: str, seconds: float) -> int:
+        raise AssertionError("runs in the workers only")
+
     tm.start()
     return tm
+
+
+def spans(client: redis.Redis, key: str) -> list[tuple[int, float, float]]:
+    """The (task id, start, end) the `span` task recorded under `key`."""
+    out = []
+    for raw in client.lrange(key, 0, -1):
+        task_id, start, end = raw.decode().split()
+        out.append((int(task_id), float(start), float(end)))
+    return out
+
+
+def peak(intervals: list[tuple[int, float, float]]) -> int:
+    """The most intervals open at once."""
+    edges = sorted([(s, 1) for _, s, _ in intervals] + [(e, -1) for _, _, e in intervals])
+    most = open_ = 0
+    for _, step in edges:
+        open_ += step
+        most = max(most, open_)
+    return most
 
 
 def started_pid(client: redis.Redis, key: str) -> int:
@@ -310,5 +342,84 @@ def test_the_worker_command_stops_on_sigterm_and_exits_zero(
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(WAIT) == 0
         assert tm.stats().processes == 1  # it left the cluster: only this manager
+    finally:
+        tm.stop()
+
+
+def test_a_group_limit_holds_across_worker_processes(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """Three worker processes of 4 workers, a group limit of 3: never more than 3 of the
+    group run at once anywhere (recorded intervals), and ungrouped tasks keep flowing."""
+    lease = 2.0
+    tm = local(redis_url, redis_namespace, lease, limits={"http": 3})
+    try:
+        for _ in range(3):
+            workers(redis_url, redis_url, redis_namespace, lease, workers=4, limits="http=3")
+        span = tm._registry["span"]
+        grouped = [span.options(group="http").queue("g6", 0.05) for _ in range(18)]
+        free = [span.queue("f6", 0.0) for _ in range(6)]
+        for handler in free:
+            handler.result(WAIT)
+        assert any(not h.done() for h in grouped)  # the free ones did not wait for the group
+        for handler in grouped:
+            handler.result(WAIT)
+        assert peak(spans(client, "g6")) == 3
+        assert len(spans(client, "g6")) == 18
+    finally:
+        tm.stop()
+
+
+def test_the_group_slots_of_a_killed_process_come_back_after_its_lease(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """A process killed while it holds every slot of a group: after its lease the slots
+    are free, its tasks run again elsewhere, and the group drains."""
+    lease = 1.0
+    tm = local(redis_url, redis_namespace, lease, limits={"http": 2})
+    try:
+        doomed = workers(redis_url, redis_url, redis_namespace, lease, workers=2, limits="http=2")
+        hold = tm._registry["hold"].options(group="http")
+        handlers = [hold.queue(f"k7{i}") for i in range(2)]
+        assert {started_pid(client, f"k7{i}") for i in range(2)} == {doomed.pid}
+        assert tm.stats().groups["http"].running == 2
+        doomed.kill()
+        other = workers(redis_url, redis_url, redis_namespace, lease, workers=2, limits="http=2")
+        for i in range(2):
+            assert started_pid(client, f"k7{i}") == other.pid
+            client.rpush(f"k7{i}:release:{other.pid}", 1)
+        assert [h.result(WAIT) for h in handlers] == [other.pid] * 2
+        assert tm.join(WAIT)
+        assert tm.stats().groups["http"].running == 0
+    finally:
+        tm.stop()
+
+
+def test_a_periodic_runs_each_occurrence_once_while_processes_die_and_come_back(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """A 200 ms periodic over three worker processes, one killed (SIGKILL) and another
+    started midway: runs never overlap, and there is one run per occurrence (about
+    window / interval runs, each a task of its own)."""
+    lease = 1.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        pool = [workers(redis_url, redis_url, redis_namespace, lease, workers=2) for _ in range(3)]
+        interval = 0.2
+        periodic = tm.every(interval, tm._registry["span"].bind("p8", 0.02), key="poll")
+        started = time.monotonic()
+        time.sleep(1.0)  # part of the measured window
+        pool[0].kill()
+        workers(redis_url, redis_url, redis_namespace, lease, workers=2)
+        time.sleep(1.5)  # the rest of the measured window
+        periodic.cancel()
+        elapsed = time.monotonic() - started
+        assert tm.join(WAIT)
+        runs = spans(client, "p8")
+        ids = [task_id for task_id, _, _ in runs]
+        assert len(ids) == len(set(ids))  # a lost attempt may rerun; a run has one id
+        assert peak(runs) == 1
+        expected = elapsed / interval
+        assert expected - 4 <= len(set(ids)) <= expected + 1
     finally:
         tm.stop()
