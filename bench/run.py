@@ -11,6 +11,7 @@ show medians over the rounds.
     python bench/run.py delay idle        # only those benchmarks
     python bench/run.py --rounds 5 --json results.json
     python bench/run.py --snapshot HEAD   # the committed code, not the working tree
+    python bench/run.py --baseline HEAD~3 throughput  # also marionette at HEAD~3, interleaved
 
 Benchmarks: throughput, delay, idle, lateness, structures, periodic, groups (see
 bench/README.md).
@@ -45,11 +46,20 @@ Results = dict[str, list[Measurement | None]]
 
 
 @dataclasses.dataclass(frozen=True)
+class Baseline:
+    """marionette at another commit (``--baseline``), measured beside the new code."""
+
+    commit: str
+    path: Path  # its export, first on its children's PYTHONPATH
+
+
+@dataclasses.dataclass(frozen=True)
 class Options:
     quick: bool
     full: bool
     rounds: int | None
     timeout: float
+    baseline: Baseline | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +95,9 @@ class Benchmark:
     rounds: int
     cases: Callable[[Options], list[Case]]
     report: Callable[[list[Case], Results, Options], Report]
+    # With --baseline: the metrics of marionette's cases compared, new / baseline
+    # (metric, header); none: --baseline does not apply to this benchmark.
+    compare: tuple[tuple[str, str], ...] = ()
 
 
 # -- statistics --------------------------------------------------------------------
@@ -670,6 +683,7 @@ BENCHMARKS = {
             5,
             throughput_cases,
             throughput_report,
+            (("rate", "tasks/s (higher is better)"),),
         ),
         Benchmark(
             "delay",
@@ -677,9 +691,20 @@ BENCHMARKS = {
             3,
             delay_cases,
             delay_report,
+            (
+                ("fill_rate", "fill inserts/s (higher is better)"),
+                ("insert_us", "insert at N, µs (lower is better)"),
+                ("bytes_per_task", "RSS per task, B (lower is better)"),
+                ("cancel_us", "cancel at N, µs (lower is better)"),
+            ),
         ),
         Benchmark(
-            "idle", "Idle CPU with tasks pending an hour or two out", 3, idle_cases, idle_report
+            "idle",
+            "Idle CPU with tasks pending an hour or two out",
+            3,
+            idle_cases,
+            idle_report,
+            (("cpu_ms_per_s", "CPU, ms/s (lower is better)"),),
         ),
         Benchmark(
             "lateness",
@@ -687,6 +712,7 @@ BENCHMARKS = {
             5,
             lateness_cases,
             lateness_report,
+            (("p50_ms", "p50, ms (lower is better)"), ("p99_ms", "p99, ms (lower is better)")),
         ),
         Benchmark(
             "structures",
@@ -716,10 +742,19 @@ BENCHMARKS = {
 # -- running -----------------------------------------------------------------------
 
 
-def measure(case: Case, timeout: float) -> Measurement | None:
-    """Run one case in a fresh child process; None (reported) if it failed."""
-    command = [sys.executable, str(CHILD), case.function, json.dumps(case.kwargs)]
+def child_env(first: Path | None = None) -> dict[str, str]:
+    """The environment of a child; `first`, if given, goes first on its PYTHONPATH."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if first is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(first), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def measure(case: Case, timeout: float, first: Path | None = None) -> Measurement | None:
+    """Run one case in a fresh child process, `first` first on its PYTHONPATH; None
+    (reported) if it failed."""
+    command = [sys.executable, str(CHILD), case.function, json.dumps(case.kwargs)]
+    env = child_env(first)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -733,22 +768,90 @@ def measure(case: Case, timeout: float) -> Measurement | None:
     return result
 
 
-def run_benchmark(bench: Benchmark, o: Options) -> tuple[list[Case], Results]:
+def baseline_pairs(bench: Benchmark, cases: list[Case], o: Options) -> list[tuple[Case, Case]]:
+    """Each marionette case and its copy measuring the --baseline commit (none
+    without --baseline or for a benchmark that does not support it)."""
+    if o.baseline is None or not bench.compare:
+        return []
+    at = f"marionette@{o.baseline.commit}"
+    return [
+        (
+            c,
+            dataclasses.replace(
+                c, key=f"{c.key}@{o.baseline.commit}", label=c.label.replace("marionette", at, 1)
+            ),
+        )
+        for c in cases
+        if c.kwargs.get("system") == "marionette"
+    ]
+
+
+def run_benchmark(
+    bench: Benchmark, o: Options
+) -> tuple[list[Case], list[tuple[Case, Case]], Results]:
+    """Every case, rounds times, interleaved; the baseline copies (see
+    `baseline_pairs`) are more cases, after the others, in the same rotation."""
     cases = bench.cases(o)
+    pairs = baseline_pairs(bench, cases, o)
+    olds = [old for _, old in pairs]
+    cases += olds
     rounds = o.rounds or (1 if o.quick else bench.rounds)
     results: Results = {c.key: [] for c in cases}
     for rnd in range(rounds):
         shift = rnd % len(cases)
         order = cases[shift:] + cases[:shift]  # interleaved, rotating
         for case in order:
+            first = o.baseline.path if o.baseline is not None and case in olds else None
             began = time.perf_counter()
-            m = measure(case, o.timeout)
+            m = measure(case, o.timeout, first)
             results[case.key].append(m)
             took = time.perf_counter() - began
             print(
                 f"  [{bench.name} {rnd + 1}/{rounds}] {case.label}: {took:.1f} s", file=sys.stderr
             )
-    return cases, results
+    return cases, pairs, results
+
+
+def compare_table(
+    bench: Benchmark, pairs: list[tuple[Case, Case]], r: Results, new: str, old: str
+) -> list[str]:
+    """new / baseline for each compared metric of each marionette case: the ratio
+    within each round, and its median over the rounds."""
+    rounds = len(r[pairs[0][0].key])
+    rows = []
+    for a, b in pairs:
+        for metric, header in bench.compare:
+            per_round = []
+            for ma, mb in zip(r[a.key], r[b.key], strict=True):
+                if ma is not None and mb is not None and ma[metric] and mb[metric]:
+                    per_round.append(f"{ma[metric] / mb[metric]:.3f}")
+                else:
+                    per_round.append("—")
+            x = ratio(r, a.key, b.key, metric)
+            rows.append(
+                [
+                    a.label,
+                    header,
+                    fmt_num(median(r, a.key, metric)),
+                    fmt_num(median(r, b.key, metric)),
+                    *per_round,
+                    "—" if x is None else f"{x:.3f}",
+                ]
+            )
+    headers = [
+        "case",
+        "metric",
+        f"new {new} (median)",
+        f"baseline {old} (median)",
+        *(f"round {i + 1}" for i in range(rounds)),
+        "new / baseline (median)",
+    ]
+    return [
+        "",
+        f"new / baseline: marionette {new} / marionette@{old}, within each round",
+        "",
+        *table(headers, rows, left=2),
+    ]
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -807,6 +910,17 @@ def export_snapshot(rev: str) -> tuple[Path, str]:
     return target, commit
 
 
+def imported_from(first: Path | None = None) -> str:
+    """The file a child (`first` first on its PYTHONPATH) imports marionette from."""
+    return subprocess.run(
+        [sys.executable, "-c", "import marionette; print(marionette.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env=child_env(first),
+    ).stdout.strip()
+
+
 def versions() -> str:
     """Versions of the systems, read from a child so this process imports none."""
     code = (
@@ -832,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="rounds per benchmark (default: 5 for throughput and lateness, 3 else)",
+        help="rounds per benchmark (default: 5 for throughput, lateness and groups, 3 for the"
+        " others; 1 with --quick)",
     )
     parser.add_argument(
         "--timeout", type=float, default=900, help="seconds allowed per child process"
@@ -844,6 +959,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="measure marionette/ as committed at REV (e.g. HEAD), exported with git archive,"
         " instead of the working tree",
+    )
+    supported = [b.name for b in BENCHMARKS.values() if b.compare]
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure marionette/ as committed at REV (marionette@REV) as one more system"
+        " in every round, and report new / baseline within each round and its median; for "
+        + ", ".join(supported)
+        + " (the other benchmarks run as without it)",
     )
     args = parser.parse_args(argv)
     if args.list:
@@ -858,31 +982,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     timeout = args.timeout or (60.0 if args.quick else 300.0)
-    o = Options(quick=args.quick, full=args.full, rounds=args.rounds, timeout=timeout)
     chosen = [BENCHMARKS[n] for n in (args.names or BENCHMARKS)]
 
-    out = ["# marionette benchmarks" + (" (--quick)" if o.quick else ""), "", *machine()]
+    out = ["# marionette benchmarks" + (" (--quick)" if args.quick else ""), "", *machine()]
     out.append(f"- versions: {versions()}")
     if args.snapshot:
         where, commit = export_snapshot(args.snapshot)
         atexit.register(shutil.rmtree, where, ignore_errors=True)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(where), os.environ.get("PYTHONPATH")) if p
-        )
-        found = subprocess.run(
-            [sys.executable, "-c", "import marionette; print(marionette.__file__)"],
-            capture_output=True,
-            text=True,
-            cwd=HERE,
-        ).stdout.strip()
+        os.environ["PYTHONPATH"] = child_env(where)["PYTHONPATH"]
+        found = imported_from()
         if not found.startswith(str(where)):
             parser.error(f"children would import marionette from {found!r}, not {where}")
         out.append(
             f"- marionette revision: {commit} (exported with git archive; uncommitted"
             " changes in the working tree not measured)"
         )
+        new = commit
     else:
         out.append(f"- marionette revision: {revision()}")
+        new = "working tree"
+    baseline = None
+    if args.baseline:
+        where, commit = export_snapshot(args.baseline)
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
+        found = imported_from(where)
+        if not found.startswith(str(where)):
+            parser.error(f"baseline children would import marionette from {found!r}, not {where}")
+        baseline = Baseline(commit, where)
+        applies = ", ".join(b.name for b in chosen if b.compare) or "none of the benchmarks run"
+        out.append(
+            f"- baseline: marionette@{commit} (exported with git archive), measured beside"
+            f" marionette in every round of: {applies}"
+        )
+    o = Options(
+        quick=args.quick, full=args.full, rounds=args.rounds, timeout=timeout, baseline=baseline
+    )
     began = time.perf_counter()
     targets: list[Target] = []
     dump: dict[str, Any] = {}
@@ -890,11 +1024,13 @@ def main(argv: list[str] | None = None) -> int:
     for bench in chosen:
         print(f"{bench.name}: {bench.title}", file=sys.stderr)
         load_before = loadavg()
-        cases, results = run_benchmark(bench, o)
+        cases, pairs, results = run_benchmark(bench, o)
         report = bench.report(cases, results, o)
         targets.extend(report.targets)
         load_after = loadavg()
         sections += ["", f"## {bench.name}: {bench.title}", "", *report.lines]
+        if baseline is not None and pairs:
+            sections += compare_table(bench, pairs, results, new, baseline.commit)
         sections.append(
             f"\n(load average, 1 min: {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
         )

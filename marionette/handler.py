@@ -266,7 +266,7 @@ class TaskHandler(Generic[T]):
     AbstractEventLoop, it raises NotImplementedError where a backend implements).
     """
 
-    __slots__ = ("__weakref__",)  # weak maps of handlers; tests that one is let go
+    __slots__ = ()
 
     #: Unique (in the process, or on Redis in the cluster), increasing with submission.
     id: int

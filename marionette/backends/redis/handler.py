@@ -77,7 +77,8 @@ class RedisHandler(TaskHandler[T]):
     wait for an unfinished task raises `TaskManagerStopped`.
     """
 
-    __slots__ = ("_final", "_label", "_manager", "id")
+    # __weakref__: a manager maps task ids to its live handlers weakly.
+    __slots__ = ("__weakref__", "_final", "_label", "_manager", "id")
 
     def __init__(self, manager: RedisManager, task_id: int, label: str | None) -> None:
         self.id = task_id
