@@ -157,20 +157,23 @@ class RedisHandler(TaskHandler[T]):
         deadline = None if limit is None else time.monotonic() + limit
         manager = self._manager
         while True:
-            event = manager._watch_event(self.id)
-            fields = manager._watch(self.id)
-            if fields is None:
-                raise concurrent.futures.CancelledError(f"task {self.id} is unknown (expired?)")
-            self._keep(fields)
-            if self._final is not None:
-                return self._final
-            if not manager._can_wait():
-                raise TaskManagerStopped(
-                    "waiting for a task on Redis needs a running manager (it carries the news)"
-                )
-            left = None if deadline is None else deadline - time.monotonic()
-            if (left is not None and left <= 0) or not event.wait(left):
-                raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
+            event = manager._watch_event(self.id)  # before looking: no message is missed
+            try:
+                fields = manager._watch(self.id)
+                if fields is None:
+                    raise concurrent.futures.CancelledError(f"task {self.id} is unknown (expired?)")
+                self._keep(fields)
+                if self._final is not None:
+                    return self._final
+                if not manager._can_wait():
+                    raise TaskManagerStopped(
+                        "waiting for a task on Redis needs a running manager (it carries the news)"
+                    )
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or not event.wait(left):
+                    raise TimeoutError(f"{self!r} did not finish within {timeout} seconds")
+            finally:
+                manager._unwatch_event(self.id, event)
 
     def result(self, timeout: float | None = None) -> T:
         fields = self._wait(timeout)
