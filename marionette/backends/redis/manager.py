@@ -102,21 +102,18 @@ class RedisManager(Workers):
         if self._state is not Lifecycle.RUNNING:
             raise TaskManagerStopped()
         proc, token, lane = self._proc, str(next(self._tokens)), self._take_lane()
+        tries = 0
+
+        def submit() -> tuple[int, bool]:
+            nonlocal tries
+            tries += 1
+            return self._store.submit(
+                proc, lane, token, registered.name, payload, options_text, mode, when, key,
+                group, tries > 1,
+            )  # fmt: skip
+
         try:
-            task_id, new = self._call(
-                lambda: self._store.submit(
-                    proc,
-                    lane,
-                    token,
-                    registered.name,
-                    payload,
-                    options_text,
-                    mode,
-                    when,
-                    key,
-                    group,
-                )
-            )
+            task_id, new = self._call(submit)
         finally:
             self._give_lane(lane)
         handler = self._handler(task_id, label(registered.name, options_text))

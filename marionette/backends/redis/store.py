@@ -48,7 +48,7 @@ _SCRIPTS = (
     "watch",
 )
 #: The fields `watch` and `read` return, in order.
-_FIELDS = ("s", "n", "o", "at", "T", "E", "d", "v", "e", "x", "p")
+_FIELDS = ("s", "n", "o", "at", "T", "E", "d", "v", "e", "x")
 
 
 def _text(value: Any) -> str:
@@ -90,7 +90,6 @@ class TaskFields:
     value: str | None
     errors: str | None
     base: bool
-    process: str | None
 
     @classmethod
     def parse(cls, row: list[Any]) -> TaskFields:
@@ -106,7 +105,6 @@ class TaskFields:
             value=f["v"],
             errors=f["e"],
             base=f["x"] == "b",
-            process=f["p"],
         )
 
 
@@ -177,13 +175,15 @@ class Store:
         when: int,
         key: str,
         group: str,
+        retried: bool,
     ) -> tuple[int, bool]:
         """(the task's id, whether it is new): with a key whose pending task exists,
-        that task's id and False. A retried call with the same lane token returns what
-        the first did."""
+        that task's id and False. A `retried` call with the same lane token (the
+        reply of an earlier one was lost) returns what the first did."""
         task_id, new = self._run(
-            "submit", proc, lane, token, name, payload, options, mode, when, key, group
-        )
+            "submit", proc, lane, token, name, payload, options, mode, when, key, group,
+            "1" if retried else "",
+        )  # fmt: skip
         return int(task_id), bool(new)
 
     def claim(self, proc: str, limit: int, names: list[str]) -> tuple[int, list[Claimed]] | None:

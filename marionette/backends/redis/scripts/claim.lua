@@ -27,7 +27,7 @@ for i = 5, #ARGV do
     local f = redis.call('HMGET', t, 's', 'a', 'o', 'at', 'f', 'T', 'e', 'K', 'G')
     if f[1] == 'q' then
       if gate(t, id, f[8], f[9]) then
-        redis.call('HSET', t, 's', 'c', 'p', proc)
+        redis.call('HSET', t, 's', 'c')
         redis.call('SADD', claims, id)
         out[#out + 1] = {id, name, f[2], f[3] or '', f[4] or '0', f[5] or '0', f[6], f[7] or ''}
         left = left - 1

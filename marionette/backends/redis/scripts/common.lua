@@ -42,15 +42,30 @@ local function publish(message)
   redis.call('PUBLISH', K .. 'wake', message)
 end
 
+-- Changes to the counters and gauges of K..'stats', summed while a script runs and
+-- written once by flush() (a script that changes them ends with flush() or
+-- check_idle()): a settle and a start in one step cancel out on 'running'.
+local deltas = {}
+
 local function gauge(field, delta)
-  redis.call('HINCRBY', K .. 'stats', field, delta)
+  deltas[field] = (deltas[field] or 0) + delta
 end
 
 local function count(field)
-  redis.call('HINCRBY', K .. 'stats', field, 1)
+  gauge(field, 1)
+end
+
+local function flush()
+  for field, delta in pairs(deltas) do
+    if delta ~= 0 then
+      redis.call('HINCRBY', K .. 'stats', field, delta)
+    end
+  end
+  deltas = {}
 end
 
 local function check_idle()
+  flush()
   local g = redis.call('HMGET', K .. 'stats', 'queued', 'scheduled', 'running')
   if tonumber(g[1] or 0) <= 0 and tonumber(g[2] or 0) <= 0 and tonumber(g[3] or 0) <= 0 then
     publish('i')
@@ -68,6 +83,7 @@ local function enqueue(name, id, front)
     length = redis.call('LPUSH', q, id)
   end
   if length == 1 then
+    redis.call('SADD', K .. 'names', name)  -- for inspect and pending()
     publish('r ' .. name)
   end
 end
@@ -223,13 +239,21 @@ end
 -- next run), it expires after the result TTL (a dead task, or one cancelled while its
 -- id is still in a queue, gets no TTL until it leaves there: `expire` false), and its
 -- waiters, if any, hear of it.
-local function finish(t, id, state, now, expire)
-  redis.call('HSET', t, 's', state, 'E', now)
-  redis.call('HDEL', t, 'p', 'lo', 'k', 'd', 'rv')
+-- `f` is the task's fields K, P, n, w, G, k, lo when the caller has read them already;
+-- `value` the result of a success (written with the state: one call less).
+local function finish(t, id, state, now, expire, f, value)
+  f = f or redis.call('HMGET', t, 'K', 'P', 'n', 'w', 'G', 'k', 'lo')
+  if value then
+    redis.call('HSET', t, 's', state, 'E', now, 'v', value)
+  else
+    redis.call('HSET', t, 's', state, 'E', now)
+  end
+  if f[6] or f[7] then
+    redis.call('HDEL', t, 'k', 'lo')
+  end
   if expire then
     redis.call('PEXPIRE', t, TTL)
   end
-  local f = redis.call('HMGET', t, 'K', 'P', 'n')
   if f[1] then
     key_ended(f[1], id)
   end
@@ -239,7 +263,7 @@ local function finish(t, id, state, now, expire)
   if state == 'F' or state == 'D' then
     redis.call('HINCRBY', K .. 'failed', f[3], 1)
   end
-  if redis.call('HEXISTS', t, 'w') == 1 then
+  if f[4] then
     publish('f ' .. id)
   end
 end
@@ -283,7 +307,6 @@ local function release(id, proc, now)
   local state, name, group = f[1], f[2], f[4]
   if state == 'c' then
     redis.call('HSET', t, 's', 'q')
-    redis.call('HDEL', t, 'p')
     if group then
       group_free(group)
     end
@@ -305,7 +328,6 @@ local function release(id, proc, now)
       finish(t, id, 'F', now, true)
     else
       redis.call('HSET', t, 's', 'q')
-      redis.call('HDEL', t, 'p')
       gauge('queued', 1)
       enqueue(name, id, true)
     end
@@ -326,30 +348,35 @@ end
 local function create(name, payload, options, key, group, periodic, now, due)
   local id = redis.call('INCR', K .. 'id')
   local t = K .. 't:' .. id
-  redis.call('HSET', t, 'n', name, 'a', payload, 'T', now)
+  local fields = {'n', name, 'a', payload, 'T', now}
   if options ~= '' then
-    redis.call('HSET', t, 'o', options)
+    fields[#fields + 1], fields[#fields + 2] = 'o', options
   end
   if key ~= '' then
-    redis.call('HSET', t, 'K', key)
+    fields[#fields + 1], fields[#fields + 2] = 'K', key
     redis.call('HSET', K .. 'key:' .. key, 'p', id)
   end
   if group ~= '' then
-    redis.call('HSET', t, 'G', group)
+    fields[#fields + 1], fields[#fields + 2] = 'G', group
   end
   if periodic ~= '' then
-    redis.call('HSET', t, 'P', periodic)
+    fields[#fields + 1], fields[#fields + 2] = 'P', periodic
   end
-  if due > now then
-    redis.call('HSET', t, 's', 's', 'd', due)
+  local scheduled = due > now
+  if scheduled then
+    fields[#fields + 1], fields[#fields + 2] = 's', 's'
+    fields[#fields + 1], fields[#fields + 2] = 'd', due
+  else
+    fields[#fields + 1], fields[#fields + 2] = 's', 'q'
+  end
+  redis.call('HSET', t, unpack(fields))
+  if scheduled then
     gauge('scheduled', 1)
     schedule(id, due)
   else
-    redis.call('HSET', t, 's', 'q')
     gauge('queued', 1)
     enqueue(name, id, false)
   end
-  redis.call('SADD', K .. 'names', name)
   count('submitted')
   return id
 end

@@ -20,9 +20,11 @@ local pending = redis.call('HGET', K .. 'key:' .. key, 'p')
 if pending then
   redis.call('HINCRBY', ph, 'coalesced', 1)
   count('coalesced')
+  flush()
   return {2, tonumber(pending)}
 end
 local now = now_ms()
 local id = create(f[3], f[4], f[5] or '', key, f[6] or '', key, now, now)
 redis.call('HSET', ph, 'last', id)
+flush()
 return {1, id}

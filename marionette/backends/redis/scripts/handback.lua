@@ -14,4 +14,5 @@ end
 if n > 0 then
   check_idle()
 end
+flush()
 return n

@@ -22,4 +22,5 @@ end
 if reaped > 0 then
   check_idle()
 end
+flush()
 return {'ok', now, reaped}

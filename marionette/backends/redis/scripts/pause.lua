@@ -20,4 +20,5 @@ if pending and cancel_waiting(pending, now_ms()) then
   check_idle()
   return tonumber(pending)
 end
+flush()
 return 0

@@ -36,4 +36,5 @@ for _, zset in ipairs({sched, K .. 'pers'}) do
   end
 end
 out[2] = wait
+flush()
 return out

@@ -22,4 +22,5 @@ while true do
     dropped = dropped + 1
   end
 end
+flush()
 return {requeued, dropped}

@@ -7,7 +7,8 @@
 -- claim set can be settled or started: a process that lost it (presumed dead, its
 -- claims passed on) changes nothing. An attempt that failed after cancel() asked
 -- for it ends cancelled. Returns {settled (1, 0 fenced, -1 none), start} where
--- start is {'ok', attempts}, {'lost'}, {'cancelled'} or {}.
+-- start is {'ok', attempts}, {'lost'}, {'cancelled'} or {}. The hot path of every
+-- task: its Redis calls are counted.
 local proc = ARGV[3]
 local claims = K .. 'claims:' .. proc
 local now = now_ms()
@@ -19,24 +20,25 @@ if done ~= '' then
     settled = 1
     local t = K .. 't:' .. done
     local kind, value, err = ARGV[5], ARGV[6], ARGV[7]
+    local f = redis.call('HMGET', t, 'K', 'P', 'n', 'w', 'G', 'k', 'lo')
     gauge('running', -1)
-    local group = redis.call('HGET', t, 'G')
-    if group then  -- the attempt's slot: a retry's wait holds none
-      group_free(group)
+    if f[5] then  -- the attempt's slot: a retry's wait holds none
+      group_free(f[5])
     end
     if err ~= '' then
       append_error(t, err)
     end
-    if kind ~= 'ok' and redis.call('HEXISTS', t, 'k') == 1 then
+    if kind ~= 'ok' and f[6] then
       kind = 'cancel'
     end
     if kind == 'ok' then
-      redis.call('HSET', t, 'v', value)
       count('succeeded')
-      finish(t, done, 'S', now, true)
+      finish(t, done, 'S', now, true, f, value)
     elseif kind == 'retry' then
       redis.call('HINCRBY', t, 'f', 1)
-      redis.call('HDEL', t, 'p', 'lo')
+      if f[7] then
+        redis.call('HDEL', t, 'lo')
+      end
       count('retried')
       local delay = tonumber(ARGV[8])
       if delay > 0 then
@@ -46,7 +48,7 @@ if done ~= '' then
       else
         redis.call('HSET', t, 's', 'q', 'd', now)
         gauge('queued', 1)
-        enqueue(redis.call('HGET', t, 'n'), done, false)
+        enqueue(f[3], done, false)
       end
     elseif kind == 'fail' or kind == 'base' then
       redis.call('HINCRBY', t, 'f', 1)
@@ -54,10 +56,10 @@ if done ~= '' then
         redis.call('HSET', t, 'x', 'b')
       end
       count('failed')
-      finish(t, done, 'F', now, true)
+      finish(t, done, 'F', now, true, f)
     else
       count('cancelled')
-      finish(t, done, 'C', now, true)
+      finish(t, done, 'C', now, true, f)
     end
   end
 end
@@ -68,29 +70,30 @@ if nxt ~= '' then
   if redis.call('SISMEMBER', claims, nxt) == 0 then
     start = {'lost'}
   else
-    local state = redis.call('HGET', t, 's')
-    if state == 'c' then
-      redis.call('HSET', t, 's', 'r')
+    local f = redis.call('HMGET', t, 's', 'K', 'P', 'at')
+    if f[1] == 'c' then
+      local attempt = tonumber(f[4] or 0) + 1
+      redis.call('HSET', t, 's', 'r', 'at', attempt)
       gauge('queued', -1)
       gauge('running', 1)
-      local attempt = redis.call('HINCRBY', t, 'at', 1)
-      local f = redis.call('HMGET', t, 'K', 'P')
-      if f[1] then
-        key_started(f[1], nxt)
+      if f[2] then
+        key_started(f[2], nxt)
       end
-      if f[2] and attempt == 1 then
-        redis.call('HINCRBY', K .. 'per:' .. f[2], 'runs', 1)
+      if f[3] and attempt == 1 then
+        redis.call('HINCRBY', K .. 'per:' .. f[3], 'runs', 1)
       end
       start = {'ok', attempt}
-    elseif state == 'r' then
-      start = {'ok', tonumber(redis.call('HGET', t, 'at'))}  -- retried after a lost reply
+    elseif f[1] == 'r' then
+      start = {'ok', tonumber(f[4])}  -- retried after a lost reply
     else
       redis.call('SREM', claims, nxt)  -- cancelled while claimed
       start = {'cancelled'}
     end
   end
 end
-if settled == 1 then
-  check_idle()
+if settled == 1 and start[1] ~= 'ok' then
+  check_idle()  -- a settle without a start may leave the cluster idle
+else
+  flush()
 end
 return {settled, start}

@@ -1,13 +1,13 @@
 -- Submit a task: ARGV = K, ttl, proc, lane, token, name, payload, options, mode, when,
--- key, group. mode 'q' queues it now, 'd' delays it `when` ms, 'a' schedules it at
--- `when` (ms since the epoch). Returns {id, new}: new is 0 when the key's pending
--- task was returned instead of a new one. Idempotent per (proc, lane, token): a call
--- retried after a lost reply returns what the first call did.
+-- key, group, retried. mode 'q' queues it now, 'd' delays it `when` ms, 'a'
+-- schedules it at `when` (ms since the epoch). Returns {id, new}: new is 0 when the
+-- key's pending task was returned instead of a new one. Idempotent per (proc, lane,
+-- token): a call retried after a lost reply ('1') returns what the first call did.
 local proc, lane, token = ARGV[3], ARGV[4], ARGV[5]
 local name, payload, options, mode, when = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local key, group = ARGV[11], ARGV[12]
 local lanes = K .. 'lanes:' .. proc
-local seen = redis.call('HGET', lanes, lane)
+local seen = ARGV[13] == '1' and redis.call('HGET', lanes, lane)
 if seen then
   local space = string.find(seen, ' ', 1, true)
   if string.sub(seen, 1, space - 1) == token then
@@ -34,4 +34,5 @@ if new == 1 then
   id = create(name, payload, options, key, group, '', now, due)
 end
 redis.call('HSET', lanes, lane, token .. ' ' .. (new == 1 and id or -id))
+flush()
 return {id, new}
