@@ -16,13 +16,23 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from ._time import seconds
 from .errors import Cancelled, DeadlineExceeded
 
 if TYPE_CHECKING:
-    from .handler import TaskHandler
+    pass
+
+
+class TaskRef(Protocol):
+    """What a context says of the task it serves: a handler, or a backend's record."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+
 
 __all__ = ["Context"]
 
@@ -58,7 +68,7 @@ class Context:
         self._deadline: float | None = None
         self._err: Cancelled | DeadlineExceeded | None = None
         self._watch: _Watch | None = None
-        self._task: TaskHandler[Any] | None = None
+        self._task: TaskRef | None = None
         #: The attempt number (1-based) inside a task; 0 outside any task.
         self.attempt = 0
 
@@ -68,7 +78,7 @@ class Context:
         return BACKGROUND
 
     def _child(
-        self, deadline: float | None, task: TaskHandler[Any] | None = None, attempt: int = 0
+        self, deadline: float | None, task: TaskRef | None = None, attempt: int = 0
     ) -> Context:
         """A cancellable child, registered with this context when it can be cancelled.
 
@@ -260,7 +270,7 @@ class Context:
 
 
 def attempt_context(
-    parent: Context | None, deadline: float | None, task: TaskHandler[Any], attempt: int
+    parent: Context | None, deadline: float | None, task: TaskRef, attempt: int
 ) -> Context:
     """The context of attempt number `attempt` of `task`.
 

@@ -51,8 +51,10 @@ X = TypeVar("X")
 class Job:
     """A task this process claimed: queued for its workers, then run by one.
 
-    Made by the claimer; `ctx`, `attempt` and `cancelling` are written under the
-    manager's lock by the worker that runs it (and `cancelling` by a cancel).
+    It is also what its attempts' contexts name (`id`, `name`: a `TaskRef`), so that
+    no handler is made for a task nobody asks about. Made by the claimer; `ctx`,
+    `attempt` and `cancelling` are written under the manager's lock by the worker
+    that runs it (and `cancelling` by a cancel).
     """
 
     __slots__ = (
@@ -63,30 +65,32 @@ class Job:
         "discarded",
         "errors",
         "failures",
-        "handler",
         "id",
         "kwargs",
-        "label",
         "name",
         "options",
         "proc",
         "submitted",
+        "task",
     )
 
     def __init__(
         self,
         task_id: int,
-        name: str,
+        task: str,
         args: list[Any],
         kwargs: dict[str, Any],
+        *,
         options: str,
         failures: int,
         submitted: float,
         proc: str,
-        label: str,
-        handler: RedisHandler[Any],
+        name: str,
     ) -> None:
         self.id = task_id
+        #: The registered name (what runs it).
+        self.task = task
+        #: Its label: the ``name=`` option, else the registered name.
         self.name = name
         self.args = args
         self.kwargs = kwargs
@@ -98,9 +102,6 @@ class Job:
         self.submitted = submitted
         #: The process id (epoch) it was claimed under: the fence of its changes.
         self.proc = proc
-        self.label = label
-        #: This process's handler of the task (what its attempts' contexts name).
-        self.handler = handler
         self.errors: list[BaseException] | None = None
         self.ctx: Context | None = None
         self.attempt = 0
@@ -149,6 +150,7 @@ def _client(redis: Any, backend: Any, lease: float) -> tuple[Any, str | None]:
             retry=Retry(NoBackoff(), 0),
             socket_timeout=lease / 3,
             socket_connect_timeout=lease / 3,
+            decode_responses=True,  # text, decoded by hiredis (C) rather than by us
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(

@@ -170,7 +170,7 @@ class Services(RedisCore):
         """A claimed task, decoded; one that cannot be goes to the dead letters."""
         try:
             args, kwargs = decode_call(row.payload)
-            named = label(row.name, row.options)
+            named = label(row.name, row.options) if row.options else row.name
         except CorruptPayload as exc:
             reason = f"its payload cannot be read: {exc.reason}"
             self._log.error("task sent to the dead letters", task_id=row.id, reason=reason)
@@ -179,21 +179,19 @@ class Services(RedisCore):
             except self._outages.errors:
                 pass
             return None
-        submitted = time.monotonic() - max(0, now - row.submitted) / 1000
-        handler = self._handler(row.id, named)
         job = Job(
             row.id,
             row.name,
             args,
             kwargs,
-            row.options,
-            row.failures,
-            submitted,
-            proc,
-            named,
-            handler,
+            options=row.options,
+            failures=row.failures,
+            submitted=time.monotonic() - max(0, now - row.submitted) / 1000,
+            proc=proc,
+            name=named,
         )
-        job.errors = decode_errors(row.errors)
+        if row.errors:
+            job.errors = decode_errors(row.errors)
         return job
 
     # -- the heartbeat -----------------------------------------------------------
@@ -392,16 +390,16 @@ class Services(RedisCore):
 
     def _overrun(self, ctx: Context) -> None:
         """An attempt's deadline passed: report it once if that attempt still runs."""
-        handler = ctx._task
-        if handler is None:
+        task = ctx._task
+        if task is None:
             return
         with self._lock:
-            job = self._jobs.get(handler.id)
+            job = self._jobs.get(task.id)
             running = job is not None and job.ctx is ctx
         if running:
             self._log.warning(
                 "task still running past its deadline",
-                task_id=handler.id,
-                task=handler.name,
+                task_id=task.id,
+                task=task.name,
                 attempt=ctx.attempt,
             )

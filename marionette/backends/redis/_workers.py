@@ -24,6 +24,7 @@ from marionette._queue import TaskQueue
 from marionette.backends.redis._core import Job
 from marionette.backends.redis._services import Services
 from marionette.backends.redis.codec import encode_error, encode_result
+from marionette.backends.redis.handler import RedisHandler
 from marionette.context import Context, attempt_context
 from marionette.errors import DeadlineExceeded, TaskError, describe
 from marionette.events import TaskEventKind
@@ -116,23 +117,29 @@ class Workers(Services):
         if job is not None and start == "ok":
             opts = self._options(job)
             deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
-            ctx = attempt_context(None, deadline, job.handler, attempt)
+            ctx = attempt_context(None, deadline, job, attempt)
+        # Handlers for the listeners only: made before the lock (making one takes it).
+        wanted = self._events.wanted
+        done_handler = (
+            None if done is None or not wanted else self._handler(done.job.id, done.job.name)
+        )
+        job_handler = None if job is None or not wanted else self._handler(job.id, job.name)
         with self._lock:  # one critical section: the last attempt's report, this one's start
             if done is not None:
-                self._report_locked(done, settled == 1)
+                self._report_locked(done, settled == 1, done_handler)
             if job is not None:
                 if ctx is None:
                     if self._jobs.get(job.id) is job:
                         del self._jobs[job.id]
-                    if start == "cancelled" and TaskEventKind.CANCELLED in self._events.wanted:
-                        self._emit_locked(_Kind.CANCELLED, job.handler)
+                    if start == "cancelled" and job_handler is not None:
+                        self._emit_locked(_Kind.CANCELLED, job_handler)
                 else:
                     job.ctx, job.attempt = ctx, attempt
                     self._busy += 1
                     if ctx._deadline is not None:
                         self._scheduler._push_locked(ctx, ctx._deadline, False)
-                    if self._events.wanted:
-                        self._emit_locked(_Kind.STARTED, job.handler)
+                    if job_handler is not None:
+                        self._emit_locked(_Kind.STARTED, job_handler)
         if done is not None:
             self._log_outcome(done, settled == 1)
         return None if ctx is None else self._attempt(job, ctx, opts)  # type: ignore[arg-type]
@@ -148,9 +155,9 @@ class Workers(Services):
 
     def _attempt(self, job: Job, ctx: Context, opts: Options) -> Outcome:
         """Run the attempt the step started (its end is recorded by `_ended_locked`)."""
-        registered = self._registry.get(job.name)
+        registered = self._registry.get(job.task)
         if registered is None:  # claimed only when registered, and never unregistered
-            missing = LookupError(f"no task is registered as {job.name!r} here")
+            missing = LookupError(f"no task is registered as {job.task!r} here")
             return self._failed(job, ctx, opts, missing, final=True)
         try:
             value = registered.fn(ctx, *job.args, **job.kwargs)
@@ -166,7 +173,7 @@ class Workers(Services):
             late = DeadlineExceeded(f"attempt {ctx.attempt} returned after its deadline")
             return self._failed(job, ctx, opts, late)
         try:
-            encoded = encode_result(value, job.name)
+            encoded = encode_result(value, job.task)
         except (TypeError, ValueError) as exc:
             return self._failed(job, ctx, opts, exc, final=True)
         return Outcome(job, "ok", value=encoded, result=value)
@@ -174,13 +181,13 @@ class Workers(Services):
     def _options(self, job: Job) -> Options:
         """The attempt's options: the registered ones, under the submission's own."""
         if not job.options:  # the common case: parsed once per task name
-            cached = self._options_cache.get(job.name)
+            cached = self._options_cache.get(job.task)
             if cached is not None:
                 return cached
-        registered = self._registry.get(job.name)
+        registered = self._registry.get(job.task)
         defaults = {} if registered is None else dict(registered.defaults)
         if not job.options:
-            cached = self._options_cache[job.name] = parse_options(defaults)[0]
+            cached = self._options_cache[job.task] = parse_options(defaults)[0]
             return cached
         return parse_options({**defaults, **json.loads(job.options)})[0]
 
@@ -211,25 +218,27 @@ class Workers(Services):
             duration=time.monotonic() - job.submitted,
             error=opts.error,
             task_id=job.id,
-            task_name=job.label,
+            task_name=job.name,
         )
         if cause is not None:
             failure.__cause__ = cause
         return Outcome(job, "fail", error=error, exc=exc, final=failure)
 
-    def _report_locked(self, done: Outcome, settled: bool) -> None:
-        """After the settle: forget the job; tell the listeners."""
+    def _report_locked(
+        self, done: Outcome, settled: bool, handler: RedisHandler[Any] | None
+    ) -> None:
+        """After the settle: forget the job; tell the listeners (if any: `handler`)."""
         job = done.job
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
-        if settled and not job.discarded and self._events.wanted:
+        if settled and not job.discarded and handler is not None:
             kind = {
                 "ok": _Kind.SUCCEEDED,
                 "retry": _Kind.RETRYING,
                 "cancel": _Kind.CANCELLED,
             }.get(done.kind, _Kind.FAILED)
             error = done.exc if kind is _Kind.RETRYING else done.final
-            self._emit_locked(kind, job.handler, error=error, result=done.result)
+            self._emit_locked(kind, handler, error=error, result=done.result)
 
     def _log_outcome(self, done: Outcome, settled: bool) -> None:
         """After the settle, with no lock held: the log line of the outcome."""
@@ -240,32 +249,32 @@ class Workers(Services):
                 log.warning(
                     "task outcome discarded: this process lost it to another",
                     task_id=job.id,
-                    task=job.label,
+                    task=job.name,
                 )
             return
         if done.kind == "ok":
             if log.enabled(DEBUG):
-                log.debug("task completed", task_id=job.id, task=job.label, attempt=job.attempt)
+                log.debug("task completed", task_id=job.id, task=job.name, attempt=job.attempt)
         elif done.kind == "retry":
             assert done.exc is not None
             log.warning(
                 "task failed, retrying",
                 task_id=job.id,
-                task=job.label,
+                task=job.name,
                 attempt=job.attempt,
                 retry_in=round(done.delay, 3),
                 error=describe(done.exc),
             )
         elif done.kind == "cancel":
             if log.enabled(DEBUG):
-                log.debug("task cancelled", task_id=job.id, task=job.label, attempt=job.attempt)
+                log.debug("task cancelled", task_id=job.id, task=job.name, attempt=job.attempt)
         elif isinstance(done.final, TaskError):
             log.error("task failed for good", attempt=job.attempt, **done.final.dict())
         elif done.final is not None:
             log.error(
                 "task failed for good",
                 task_id=job.id,
-                task=job.label,
+                task=job.name,
                 attempt=job.attempt,
                 error=describe(done.final),
             )

@@ -21,7 +21,7 @@ import os
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Claimed", "Store", "TaskFields"]
 
@@ -60,8 +60,7 @@ def _script(name: str) -> str:
     return folder.joinpath("common.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed:
+class Claimed(NamedTuple):
     """A task a process claimed: what a worker needs to run its next attempt."""
 
     id: int
@@ -201,19 +200,25 @@ class Store:
         now = int(reply[0])
         if now < 0:
             return None
-        tasks = [
-            Claimed(
-                id=int(row[0]),
-                name=_text(row[1]),
-                payload=_text(row[2]),
-                options=_text(row[3]),
-                attempts=int(row[4]),
-                failures=int(row[5]),
-                submitted=int(row[6]),
-                errors=_text(row[7]),
-            )
-            for row in reply[1:]
-        ]
+        if not reply[1:] or isinstance(reply[1][1], str):  # the client decodes replies
+            tasks = [
+                Claimed(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), r[7])
+                for r in reply[1:]
+            ]
+        else:
+            tasks = [
+                Claimed(
+                    int(r[0]),
+                    _text(r[1]),
+                    _text(r[2]),
+                    _text(r[3]),
+                    int(r[4]),
+                    int(r[5]),
+                    int(r[6]),
+                    _text(r[7]),
+                )
+                for r in reply[1:]
+            ]
         return now, tasks
 
     def step(
