@@ -299,15 +299,27 @@ class TaskManager:
             if interrupted is None:
                 self._events.drain(deadline)
         finally:  # whatever happens, the manager ends stopped: a later stop() returns
-            try:
-                self._closed(abandoned)
-            finally:
+            # Under _lifecycle: a start() from inside (a listener, while the events
+            # were delivered) either came first, and this run was superseded, or waits.
+            with self._lifecycle:
                 with self._lock:
-                    self._queue, self._threads = None, []
-                    self._state = Lifecycle.STOPPED
-                    self._changed.notify_all()
-                _threads.untrack(self)
-        self._log.info("task manager stopped", kept=kept, abandoned=len(running))
+                    current = self._queue is q
+                    listener = None
+                    if not current and self._state is Lifecycle.RUNNING:
+                        listener = self._events.start_locked()  # the drain ended the old one
+                if listener is not None:
+                    listener.start()
+                if current:
+                    try:
+                        self._closed(abandoned)
+                    finally:
+                        with self._lock:
+                            self._queue, self._threads = None, []
+                            self._state = Lifecycle.STOPPED
+                            self._changed.notify_all()
+                        _threads.untrack(self)
+        if current:
+            self._log.info("task manager stopped", kept=kept, abandoned=len(running))
         if interrupted is not None:
             raise interrupted
 

@@ -394,10 +394,11 @@ def test_stop_from_inside_returns_before_the_stop_ends(
 ) -> None:
     """stop() from a task returns at once; the manager is stopped once that task ends."""
     manager = make(workers=2)
-    release, stopped = threading.Event(), threading.Event()
+    go, release, stopped = threading.Event(), threading.Event(), threading.Event()
     seen: list[bool] = []
 
     def stopper(ctx: Context) -> None:
+        assert go.wait(WAIT)  # both tasks are submitted before the stop
         manager.stop()
         seen.append(manager.is_running())
         stopped.set()
@@ -405,6 +406,7 @@ def test_stop_from_inside_returns_before_the_stop_ends(
 
     handler = manager.queue(stopper)
     queued = manager.queue(lambda ctx: stopped.wait(WAIT) and "after")
+    go.set()
     assert queued.result(WAIT) == "after"  # the other worker drains the queue
     assert seen == [False]
     assert handler.state is TaskState.RUNNING
@@ -421,13 +423,16 @@ def test_stop_with_timeout_from_inside_keeps_what_it_could_not_run(
     tasks still queued are kept for the next start()."""
     manager = make(workers=1)
     cancelled: list[bool] = []
+    go = threading.Event()
 
     def stopper(ctx: Context) -> None:
+        assert go.wait(WAIT)  # the tasks behind are submitted before the stop
         manager.stop(timeout=0.05)
         cancelled.append(ctx.wait(WAIT))  # the timeout cancels this running task
 
     handler = manager.queue(stopper)
     behind = [manager.queue(lambda ctx, i=i: i) for i in range(2)]
+    go.set()
     handler.result(WAIT)
     assert cancelled == [True]
     manager.stop()

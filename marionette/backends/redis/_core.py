@@ -40,6 +40,7 @@ from marionette.backends.redis.store import Store, TaskFields
 from marionette.config import Config
 from marionette.context import Context
 from marionette.errors import BackendUnavailable, ConfigError, describe, mask_url
+from marionette.events import TaskEventKind
 from marionette.handler import Options, TaskHandler
 from marionette.manager import Lifecycle, TaskManager
 
@@ -200,6 +201,12 @@ class RedisCore(TaskManager):
         # Set at the end of a stop: the services and the workers' retries end.
         self._stopping = threading.Event()
         self._services: list[threading.Thread] = []
+        # Listeners hear a task's SUBMITTED before its other events: while this process
+        # has submissions under way, events of the runs of tasks it has not announced
+        # yet (ids above `_announced`) wait in `_held` (see `_emit_run_locked`).
+        self._submitting = 0
+        self._announced = 0
+        self._held: list[tuple[TaskEventKind, RedisHandler[Any], Any, Any]] = []
         self._callbacks: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         #: The server's clock minus this one's, in seconds (from each promote).
         self._skew = 0.0
@@ -310,6 +317,30 @@ class RedisCore(TaskManager):
         start() until the end of a stop."""
         return self._state is not Lifecycle.STOPPED and not self._stopping.is_set()
 
+    # -- events in order ------------------------------------------------------------
+
+    def _emit_run_locked(
+        self, kind: TaskEventKind, handler: RedisHandler[Any], error: Any = None, result: Any = None
+    ) -> None:
+        """An event of a run here: held while a submission of this process may not have
+        announced the task yet (ids grow with submission, so only larger ids wait)."""
+        if self._submitting and handler.id > self._announced:
+            self._held.append((kind, handler, error, result))
+        else:
+            self._emit_locked(kind, handler, error, result)
+
+    def _announced_locked(self, handler: RedisHandler[Any] | None) -> None:
+        """A submission of this process ended (announced `handler`, if new): the held
+        events it no longer precedes go out, in order."""
+        self._submitting -= 1
+        if handler is not None:
+            self._emit_locked(TaskEventKind.SUBMITTED, handler)
+            self._announced = max(self._announced, handler.id)
+        if self._held:
+            held, self._held = self._held, []
+            for kind, task, error, result in held:
+                self._emit_run_locked(kind, task, error, result)
+
     # -- lanes -------------------------------------------------------------------
 
     def _take_lane(self) -> int:
@@ -370,7 +401,7 @@ class RedisCore(TaskManager):
         fields = self._watch(handler.id)
         if fields is not None:
             handler._keep(fields)
-        if fields is not None and handler._final is None:
+        if fields is not None and not handler._finished(fields):
             return True
         with self._lock:  # finished (or unknown): run it now, unless a message took it
             watch = self._watches.get(handler.id)

@@ -321,7 +321,7 @@ class Services(RedisCore):
             if fields is not None:
                 handler._keep(fields)
             if callbacks is None:  # a look after a reconnect: fire if it finished
-                if handler._final is not None or fields is None:
+                if fields is None or handler._finished(fields):
                     self._finished(task_id)
                 continue
             for fn in callbacks:

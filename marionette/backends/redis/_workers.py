@@ -14,6 +14,7 @@ All of it under the manager's lock (see `_core`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,7 @@ class Workers(Services):
                     "" if done is None else done.kind,
                     "" if done is None else done.value,
                     "" if done is None else done.error,
-                    0 if done is None else int(done.delay * 1000),
+                    0 if done is None else math.ceil(done.delay * 1000),
                     call_job,
                 ),
                 self._stopping,
@@ -128,18 +129,17 @@ class Workers(Services):
             if done is not None:
                 self._report_locked(done, settled == 1, done_handler)
             if job is not None:
-                if ctx is None:
+                if ctx is None:  # lost to another process, or cancelled while claimed
+                    # (CANCELLED is heard where cancel() removed it: no run ended here)
                     if self._jobs.get(job.id) is job:
                         del self._jobs[job.id]
-                    if start == "cancelled" and job_handler is not None:
-                        self._emit_locked(_Kind.CANCELLED, job_handler)
                 else:
                     job.ctx, job.attempt = ctx, attempt
                     self._busy += 1
                     if ctx._deadline is not None:
                         self._scheduler._push_locked(ctx, ctx._deadline, False)
                     if job_handler is not None:
-                        self._emit_locked(_Kind.STARTED, job_handler)
+                        self._emit_run_locked(_Kind.STARTED, job_handler)
         if done is not None:
             self._log_outcome(done, settled == 1)
         return None if ctx is None else self._attempt(job, ctx, opts)  # type: ignore[arg-type]
@@ -238,7 +238,7 @@ class Workers(Services):
                 "cancel": _Kind.CANCELLED,
             }.get(done.kind, _Kind.FAILED)
             error = done.exc if kind is _Kind.RETRYING else done.final
-            self._emit_locked(kind, handler, error=error, result=done.result)
+            self._emit_run_locked(kind, handler, error=error, result=done.result)
 
     def _log_outcome(self, done: Outcome, settled: bool) -> None:
         """After the settle, with no lock held: the log line of the outcome."""

@@ -47,6 +47,7 @@ _STATES = {
     "C": TaskState.CANCELLED,
 }
 _FINAL = frozenset("SFDC")
+_KEPT = frozenset("SFC")
 
 
 def state_of(code: str) -> TaskState:
@@ -101,8 +102,12 @@ class RedisHandler(TaskHandler[T]):
     def _keep(self, fields: TaskFields) -> None:
         if self._label is None:
             self._label = label(fields.name, fields.options)
-        if fields.state in _FINAL:
-            self._final = fields
+        # Kept for good once settled; not a dead task's (`dead requeue` revives it).
+        self._final = fields if fields.state in _KEPT else None
+
+    @staticmethod
+    def _finished(fields: TaskFields) -> bool:
+        return fields.state in _FINAL
 
     @property
     def name(self) -> str:
@@ -163,8 +168,8 @@ class RedisHandler(TaskHandler[T]):
                 if fields is None:
                     raise concurrent.futures.CancelledError(f"task {self.id} is unknown (expired?)")
                 self._keep(fields)
-                if self._final is not None:
-                    return self._final
+                if fields.state in _FINAL:
+                    return fields
                 if not manager._can_wait():
                     raise TaskManagerStopped(
                         "waiting for a task on Redis needs a running manager (it carries the news)"

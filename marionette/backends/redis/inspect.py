@@ -18,6 +18,8 @@ __all__ = ["Inspector"]
 #: How many of the next due tasks `inspect` lists and counts by name.
 NEXT_DUE = 10
 SCHEDULED_SAMPLE = 1000
+#: How many ids of each queue `inspect` looks at one by one.
+QUEUE_SAMPLE = 10_000
 
 
 def _text(value: Any) -> str:
@@ -49,13 +51,17 @@ class Inspector:
         prefix, client = self._prefix, self._client
         processes = []
         running: dict[str, int] = {}
+        queued: dict[str, int] = {}
         lease_left: list[float] = []
         for proc, expiry, info in self._store.processes():
             ids = [_text(i) for i in client.smembers(f"{prefix}claims:{proc}")]
             for task_id in ids:
                 state, name = client.hmget(f"{prefix}t:{task_id}", "s", "n")
-                if state is not None and _text(state) == "r":
-                    running[_text(name)] = running.get(_text(name), 0) + 1
+                if state is None:
+                    continue
+                # Running, or claimed and not started yet (still waiting to start).
+                into = running if _text(state) == "r" else queued
+                into[_text(name)] = into.get(_text(name), 0) + 1
             lease_left.append(expiry - now)
             processes.append(
                 {
@@ -82,14 +88,16 @@ class Inspector:
             scheduled[name] = scheduled.get(name, 0) + 1
             if len(next_due) < NEXT_DUE:
                 next_due.append({"id": int(task_id), "name": name, "due": _iso(due)})
+        for name in names:
+            queued[name] = queued.get(name, 0) + self._queued(name)
         by_name = {
             name: {
-                "queued": int(client.llen(f"{prefix}q:{name}")),
+                "queued": queued.get(name, 0),
                 "scheduled": scheduled.get(name, 0),
                 "running": running.get(name, 0),
                 "failed": failed.get(name, 0),
             }
-            for name in sorted({*names, *scheduled, *running, *failed})
+            for name in sorted({*names, *scheduled, *running, *queued, *failed})
         }
         groups = {
             name: {"limit": limit, "running": running, "waiting": waiting}
@@ -125,6 +133,20 @@ class Inspector:
             "next_due": next_due,
             "dead_letters": self._store.dead_letters(),
         }
+
+    def _queued(self, name: str) -> int:
+        """The tasks waiting in a name's queue (the ids of tasks cancelled while there
+        stay until a claim drops them: they are not counted); past QUEUE_SAMPLE ids,
+        the rest is counted as the queue's length says."""
+        key = f"{self._prefix}q:{name}"
+        length = int(self._client.llen(key))
+        ids = self._client.lrange(key, -QUEUE_SAMPLE, -1)
+        pipe = self._client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(f"{self._prefix}t:{_text(task_id)}", "s")
+        states = pipe.execute() if ids else []
+        waiting = sum(1 for state in states if state is not None and _text(state) == "q")
+        return waiting + max(0, length - len(ids))
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [

@@ -112,14 +112,19 @@ class RedisManager(Workers):
                 group, tries > 1,
             )  # fmt: skip
 
+        announce = TaskEventKind.SUBMITTED in self._events.wanted
+        if announce:
+            with self._lock:
+                self._submitting += 1
+        handler = None
         try:
             task_id, new = self._call(submit)
+            handler = self._handler(task_id, label(registered.name, options_text))
         finally:
             self._give_lane(lane)
-        handler = self._handler(task_id, label(registered.name, options_text))
-        if new and TaskEventKind.SUBMITTED in self._events.wanted:
-            with self._lock:
-                self._emit_locked(TaskEventKind.SUBMITTED, handler)
+            if announce:
+                with self._lock:
+                    self._announced_locked(handler if handler is not None and new else None)
         return handler
 
     def _check_group(self, group: str) -> None:

@@ -32,6 +32,14 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The server's time in ms rounded up: what a delay is added to, so that a task
+-- delayed by d ms is never due before d ms from its submission (now_ms() is floored,
+-- and promote compares with it, so no due time is ever reached early).
+local function soonest_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.ceil(tonumber(t[2]) / 1000)
+end
+
 -- A number in [0, 1) for jitter (the server's microseconds: scripts have no RNG).
 local function chance()
   local t = redis.call('TIME')

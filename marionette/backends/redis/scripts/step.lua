@@ -42,9 +42,10 @@ if done ~= '' then
       count('retried')
       local delay = tonumber(ARGV[8])
       if delay > 0 then
-        redis.call('HSET', t, 's', 's', 'd', now + delay)
+        local due = soonest_ms() + delay
+        redis.call('HSET', t, 's', 's', 'd', due)
         gauge('scheduled', 1)
-        schedule(done, now + delay)
+        schedule(done, due)
       else
         redis.call('HSET', t, 's', 'q', 'd', now)
         gauge('queued', 1)

@@ -27,7 +27,7 @@ if new == 1 then
   local now = now_ms()
   local due = now
   if mode == 'd' then
-    due = now + tonumber(when)
+    due = soonest_ms() + tonumber(when)
   elseif mode == 'a' then
     due = tonumber(when)
   end
