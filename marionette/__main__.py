@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import demo, demo_cluster
 from .errors import BackendUnavailable, ConfigError, MarionetteError, mask_url
 from .manager import TaskManager
 
@@ -52,16 +51,16 @@ def _processes(text: str) -> int:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: ``sys.argv[1:]``) and run the command; return the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m marionette",
-        description="marionette: a task manager for long-running services.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+DEMO_HELP = "run an uptime monitor of a local HTTP service for a few seconds"
+
+
+def _add_demo(commands: Any) -> None:
+    """The `demo` command and its arguments."""
+    from . import demo, demo_cluster
+
     demo_parser = commands.add_parser(
         "demo",
-        help="run an uptime monitor of a local HTTP service for a few seconds",
+        help=DEMO_HELP,
         description=(demo.__doc__ or "").split("\n\n")[0],
     )
     demo_parser.add_argument(
@@ -95,6 +94,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the Redis of the cluster (redis://HOST:6379/0); the demo works in a "
         "namespace of its own and deletes it at the end",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: ``sys.argv[1:]``) and run the command; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m marionette",
+        description="marionette: a task manager for long-running services.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # The demo's modules (an HTTP server, SQLite) are imported only for the demo, so
+    # that a `worker` starts fast.
+    if not arguments or arguments[0] in ("demo", "-h", "--help"):
+        _add_demo(commands)
+    else:
+        commands.add_parser("demo", help=DEMO_HELP)
     worker = commands.add_parser(
         "worker",
         help="run a manager's workers until SIGTERM or SIGINT",
@@ -137,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "demo":
+        from . import demo, demo_cluster
+
         if args.backend is None and args.processes is None:
             return demo.run(args.duration, args.db)
         return demo_cluster.run(args.duration, args.db, args.backend, args.processes)

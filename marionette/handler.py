@@ -13,7 +13,6 @@ handler's fields, the waiting, the callbacks, and the pure retry decision.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import enum
 import functools
@@ -39,6 +38,8 @@ from ._time import seconds
 from .context import Context
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .backends.memory.periodic import MemoryPeriodic
 
 __all__ = ["Task", "TaskHandler", "TaskState"]
@@ -369,6 +370,8 @@ class TaskHandler(Generic[T]):
         a cancelled task into the awaiter's own `asyncio.CancelledError`.
         """
         if not self.done():
+            import asyncio  # only for those who await: it costs a service's start 50 ms
+
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
 
@@ -402,7 +405,7 @@ class TaskHandler(Generic[T]):
 Submittable: TypeAlias = TaskHandler[T] | Task[T] | Callable[[Context], T]
 
 
-def _resolve(waiter: asyncio.Future[None]) -> None:
+def _resolve(waiter: asyncio.Future[None]) -> None:  # (annotations are not evaluated)
     """Wake an awaiter (in its loop's thread), unless it gave up meanwhile."""
     if not waiter.done():
         waiter.set_result(None)

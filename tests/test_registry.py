@@ -182,8 +182,8 @@ def test_bind_makes_a_task_naming_its_call(tm: TaskManager) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        ((), {}, "missing a required argument: 'to'"),
-        (("a", "b"), {}, "too many positional arguments"),
+        ((), {}, "missing 1 required positional argument: 'to'"),
+        (("a", "b"), {}, "takes 2 positional arguments but 3 were given"),
         (("a",), {"retyr": True}, "unexpected keyword argument 'retyr'"),
         ((), {"to": "a", "ctx": None}, "multiple values for argument 'ctx'"),
     ],

@@ -13,15 +13,18 @@ longer than `lease`), others have reaped it and taken its claims over: it joins 
 under the next epoch, and whatever it still held under the old id can no longer
 settle anything (the scripts fence each change by the claim set of the id).
 
-Locking. The manager's one lock, `_lock`, guards `_jobs`, `_handlers`, `_watches`,
-`_shut` (no more claims: a stop began), the generation counters `_ready` and
-`_idle`, `_busy` and the free lanes; `_claimable` (the claimer's Condition) and
-`_changed` are on it. `_rejoining`
-serializes joining anew (heartbeat and claimer may both find the lease lost).
+Locking. The manager's one lock, `_lock`, guards `_jobs`, `_watches`, `_shut` (no
+more claims: a stop began), the generation counters `_ready` and `_idle`, `_busy`
+and the events held for order (`_submitting`, `_announced`, `_held`); `_claimable`
+(the claimer's Condition) and `_changed` are on it. `_rejoining` serializes joining
+anew (heartbeat and claimer may both find the lease lost). `_handlers` (a weak map)
+and `_free_lanes` (a deque) rely on their operations being atomic: no lock on the
+submission path.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
@@ -193,7 +196,8 @@ class RedisCore(TaskManager):
         self._busy = 0
         # Submission lanes: a lane is held by one submitting thread at a time, so that a
         # call retried after a lost reply is recognized (see scripts/submit.lua).
-        self._free_lanes: list[int] = []
+        # (A deque's append and pop are atomic: no lock on the submission path.)
+        self._free_lanes: collections.deque[int] = collections.deque()
         self._lane_numbers = itertools.count()
         self._tokens = itertools.count(1)
         # Set when a stop begins: background retries give up, timers end.
@@ -344,25 +348,25 @@ class RedisCore(TaskManager):
     # -- lanes -------------------------------------------------------------------
 
     def _take_lane(self) -> int:
-        with self._lock:
-            if self._free_lanes:
-                return self._free_lanes.pop()
-        return next(self._lane_numbers)
+        try:
+            return self._free_lanes.pop()
+        except IndexError:
+            return next(self._lane_numbers)
 
     def _give_lane(self, lane: int) -> None:
-        with self._lock:
-            self._free_lanes.append(lane)
+        self._free_lanes.append(lane)
 
     # -- handlers ----------------------------------------------------------------
 
     def _handler(self, task_id: int, label: str | None) -> RedisHandler[Any]:
-        """The one handler object of this process for a task (made if need be)."""
-        with self._lock:
-            handler = self._handlers.get(task_id)
-            if handler is None:
-                handler = RedisHandler(self, task_id, label)  # type: ignore[arg-type]
-                self._handlers[task_id] = handler
-            return handler
+        """The handler object of this process for a task (made if need be). Without a
+        lock: two threads racing for a new id may each make one, which is harmless
+        (waiting and callbacks go by id)."""
+        handler = self._handlers.get(task_id)
+        if handler is None:
+            handler = RedisHandler(self, task_id, label)  # type: ignore[arg-type]
+            self._handlers[task_id] = handler
+        return handler
 
     def _read(self, task_id: int) -> TaskFields | None:
         return self._call(lambda: self._store.read(task_id))

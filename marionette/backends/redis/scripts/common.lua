@@ -19,7 +19,9 @@
 -- (K..'g:'..group) has a limit and the slots it holds (running: claimed or
 -- running). A periodic (K..'per:'..key) is planned in the zset K..'pers'.
 -- Gauges in K..'stats': queued counts q, c, k and g; scheduled s; running r; when
--- all three reach zero an 'i' message tells join() that the cluster is idle.
+-- all three reach zero an 'i' message tells join() that the cluster is idle. Its
+-- counters: succeeded, failed, retried, cancelled, coalesced, resubmitted (dead
+-- letters requeued); submitted is the id counter plus resubmitted.
 -- Messages on K..'wake': 'r <name>' a queue became non-empty, 'd <ms>' an earlier
 -- due time, 'f <id>' a watched task finished, 'x <id>' cancel a running attempt,
 -- 'i' the cluster went idle.
@@ -385,6 +387,5 @@ local function create(name, payload, options, key, group, periodic, now, due)
     gauge('queued', 1)
     enqueue(name, id, false)
   end
-  count('submitted')
-  return id
+  return id  -- (the id counter counts submissions: see Store.counters)
 end

@@ -15,7 +15,7 @@ while true do
     redis.call('HDEL', t, 'E', 'x', 'K', 'P')  -- it no longer holds a key or a run
     redis.call('PERSIST', t)
     gauge('queued', 1)
-    count('submitted')
+    count('resubmitted')
     enqueue(f[2], id, false)
     requeued = requeued + 1
   else
