@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError, NoServerName, NoWorkers
 
-__all__ = ["Config"]
+__all__ = ["Config", "check_limit"]
 
 
 def _check_int(name: str, value: object, minimum: int, error: type[ConfigError]) -> None:
@@ -199,6 +199,15 @@ _FIELDS: dict[str, Callable[[str], Any]] = {
     "result_ttl": float,
 }
 _SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_limit(group: object, limit: object) -> None:
+    """`set_limit`'s arguments: a non-empty group name (`TypeError`) and an int >= 1
+    (`ValueError`)."""
+    if not isinstance(group, str) or not group:
+        raise TypeError(f"group must be a non-empty str, not {group!r}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, not {limit!r}")
 
 
 def _check_backend(backend: object) -> None:

@@ -42,6 +42,7 @@ from ._queue import TaskQueue
 from ._time import seconds
 from .config import Config
 from .context import Context
+from .errors import describe
 from .events import Dispatcher, TaskEvent, TaskEventKind
 from .handler import Submittable, T, TaskHandler, parse_options
 from .periodic import Periodic
@@ -585,7 +586,17 @@ class TaskManager:
         raise NotImplementedError
 
     def _work(self, q: TaskQueue) -> None:
-        """A worker thread: serve `q` until a stop signal."""
+        """A worker thread: `_serve` `q` until a stop signal, surviving anything."""
+        with _threads.owned(self):
+            while True:
+                try:
+                    self._serve(q)
+                    return
+                except BaseException as exc:  # a worker outlives anything, even our bugs
+                    self._log.error("worker error", error=describe(exc))
+
+    def _serve(self, q: TaskQueue) -> None:
+        """The backend's worker loop over `q`, until it takes a stop signal (None)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

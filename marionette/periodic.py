@@ -14,16 +14,28 @@ time that occurs twice (autumn fold) runs once, at its first occurrence.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from ._time import aware, seconds
+from .errors import Unschedulable
+
 if TYPE_CHECKING:
     from .handler import TaskHandler
 
-__all__ = ["Periodic", "next_cron", "next_grid", "parse_cron", "parse_zone"]
+__all__ = [
+    "MIN_INTERVAL",
+    "Periodic",
+    "next_cron",
+    "next_grid",
+    "parse_cron",
+    "parse_every",
+    "parse_zone",
+]
 
 _ALIASES = {
     "@yearly": "0 0 1 1 *",
@@ -46,6 +58,35 @@ def next_grid(grid: float, interval: float, now: float) -> float:
         return grid
     # now + the phase of the grid: no overflow however far behind the grid is.
     return now + ((grid - now) % interval or interval)
+
+
+#: The shortest `every` interval: below it the monotonic clock's float resolution
+#: makes "the next point of the grid" meaningless.
+MIN_INTERVAL = 1e-6
+
+
+def parse_every(
+    interval: object, jitter: object, fixed_delay: object, start: object
+) -> tuple[float, float, bool, float]:
+    """`every()`'s arguments, checked: (interval, jitter, fixed_delay, start), with
+    `start` as seconds from now (negative for a past time; the interval without one).
+
+    `interval` below a microsecond or `jitter` < 0 raise `ValueError`, a naive
+    `start` `Unschedulable`, values of the wrong type `TypeError`.
+    """
+    period = seconds(interval, "interval")
+    if period < MIN_INTERVAL:
+        raise ValueError(f"interval must be at least {MIN_INTERVAL} s, not {interval!r}")
+    spread = seconds(jitter, "jitter", allow_negative=False)
+    if fixed_delay is not True and fixed_delay is not False:
+        raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
+    if start is None:
+        first = period
+    elif isinstance(start, datetime):
+        first = aware(start, "start").timestamp() - time.time()
+    else:
+        first = seconds(start, "start", error=Unschedulable)
+    return period, spread, fixed_delay, first
 
 
 def parse_zone(tz: object) -> tzinfo:

@@ -90,7 +90,7 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[freezegun.api.FrozenDate
 
 #: A test using one of these needs a real server: it gets the `redis` marker, so that
 #: `pytest -m redis` runs exactly the tests that touch Redis.
-REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "fresh_redis"})
+REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "fresh_redis", "redis_make"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -152,6 +152,25 @@ def redis_url(
     test, so the next test starts clean."""
     yield redis_server.url
     delete_namespace(_redis_admin, redis_namespace)
+
+
+@pytest.fixture
+def redis_make(redis_url: str, redis_namespace: str) -> Iterator[Callable[..., TaskManager]]:
+    """Make managers of the test's Redis cluster (started unless ``start=False``; a 2 s
+    lease unless given); every one is stopped after the test."""
+    made: list[TaskManager] = []
+
+    def factory(start: bool = True, **overrides: Any) -> TaskManager:
+        overrides.setdefault("lease", 2.0)
+        manager = TaskManager(backend=redis_url, namespace=redis_namespace, **overrides)
+        made.append(manager)
+        if start:
+            manager.start()
+        return manager
+
+    yield factory
+    for manager in made:
+        manager.stop(timeout=WAIT)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,22 +37,9 @@ Make = Callable[..., TaskManager]
 
 
 @pytest.fixture
-def make(redis_url: str, redis_namespace: str) -> Iterator[Make]:
-    """Make managers of the test's cluster (started unless ``start=False``), each with
-    a 2 s lease; every one is stopped after the test."""
-    made: list[TaskManager] = []
-
-    def factory(start: bool = True, **overrides: Any) -> TaskManager:
-        overrides.setdefault("lease", 2.0)
-        manager = TaskManager(backend=redis_url, namespace=redis_namespace, **overrides)
-        made.append(manager)
-        if start:
-            manager.start()
-        return manager
-
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
+def make(redis_make: Make) -> Make:
+    """Managers of the test's cluster (see conftest's `redis_make`)."""
+    return redis_make
 
 
 class Boom(Exception):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from conftest import WAIT
@@ -23,21 +22,9 @@ Make = Callable[..., TaskManager]
 
 
 @pytest.fixture
-def make(redis_url: str, redis_namespace: str) -> Iterator[Make]:
-    """Managers of the test's cluster (2 s lease), stopped after the test."""
-    made: list[TaskManager] = []
-
-    def factory(start: bool = True, **overrides: Any) -> TaskManager:
-        overrides.setdefault("lease", 2.0)
-        manager = TaskManager(backend=redis_url, namespace=redis_namespace, **overrides)
-        made.append(manager)
-        if start:
-            manager.start()
-        return manager
-
-    yield factory
-    for manager in made:
-        manager.stop(timeout=WAIT)
+def make(redis_make: Make) -> Make:
+    """Managers of the test's cluster (see conftest's `redis_make`)."""
+    return redis_make
 
 
 class Intervals:

@@ -16,26 +16,22 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from marionette._time import aware, seconds
 from marionette.backends.memory.handler import MemoryHandler
 from marionette.backends.memory.periodic import MemoryPeriodic
 from marionette.backends.memory.periodic import _State as _PeriodicState
-from marionette.errors import TaskManagerStopped, Unschedulable
+from marionette.errors import TaskManagerStopped
 from marionette.events import TaskEventKind
 from marionette.handler import Options, TaskState, default_name
 from marionette.manager import Lifecycle
-from marionette.periodic import Periodic, parse_cron, parse_zone
+from marionette.periodic import Periodic, parse_cron, parse_every, parse_zone
 
 from ._core import MemoryCore
 from ._gates import Slot
 
-__all__ = ["MIN_INTERVAL", "Reactive"]
+__all__ = ["Reactive"]
 
 _PENDING = TaskState.PENDING
 _Kind = TaskEventKind
-#: The shortest `every` interval: below it the monotonic clock's float resolution
-#: makes "the next point of the grid" meaningless.
-MIN_INTERVAL = 1e-6
 
 
 class Reactive(MemoryCore):
@@ -66,20 +62,15 @@ class Reactive(MemoryCore):
         raise `ValueError`; a naive `start` raises
         `Unschedulable`. Each run is an ordinary task with `opts`.
         """
-        period = seconds(interval, "interval")
-        if period < MIN_INTERVAL:
-            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, not {interval!r}")
-        spread = seconds(jitter, "jitter", allow_negative=False)
-        if fixed_delay is not True and fixed_delay is not False:
-            raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
-        if start is None:
-            first = time.monotonic() + period
-        elif isinstance(start, datetime):
-            first = time.monotonic() + (aware(start, "start").timestamp() - time.time())
-        else:
-            first = time.monotonic() + seconds(start, "start", error=Unschedulable)
+        period, spread, fixed, first = parse_every(interval, jitter, fixed_delay, start)
         return self._add_periodic(
-            task, key, opts, first, interval=period, jitter=spread, fixed_delay=fixed_delay
+            task,
+            key,
+            opts,
+            time.monotonic() + first,
+            interval=period,
+            jitter=spread,
+            fixed_delay=fixed,
         )
 
     def cron(

@@ -48,15 +48,6 @@ _Success = tuple[MemoryHandler[Any], Context, Any]
 class Workers(Reactive):
     """The worker loop and attempt outcomes of an in-memory manager."""
 
-    def _work(self, q: TaskQueue) -> None:
-        with _threads.owned(self):
-            while True:
-                try:
-                    self._serve(q)
-                    return
-                except BaseException as exc:  # a worker outlives anything, even our bugs
-                    self._log.error("worker error", error=describe(exc))
-
     def _serve(self, q: TaskQueue) -> None:
         """The worker loop, until it takes a stop signal.
 

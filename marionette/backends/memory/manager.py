@@ -29,6 +29,7 @@ from marionette._time import aware, seconds
 from marionette.backends.memory.handler import MemoryHandler
 from marionette.backends.memory.periodic import MemoryPeriodic
 from marionette.backends.memory.periodic import _State as _PeriodicState
+from marionette.config import check_limit
 from marionette.context import Context
 from marionette.errors import QueueFull, TaskManagerStopped, Unschedulable
 from marionette.events import TaskEventKind
@@ -341,10 +342,7 @@ class MemoryManager(Workers):
         tasks at once; lowering it lets running tasks finish and holds new starts
         until the group is under the new limit.
         """
-        if not isinstance(group, str) or not group:
-            raise TypeError(f"group must be a non-empty str, not {group!r}")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+        check_limit(group, limit)
         with self._lock:
             existing = self._groups.get(group)
             if existing is None:

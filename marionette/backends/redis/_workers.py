@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from marionette import _threads
 from marionette._log import DEBUG
 from marionette._queue import TaskQueue
 from marionette.backends.redis._core import Job
@@ -57,15 +56,6 @@ class Outcome:
 
 class Workers(Services):
     """The worker loop and attempt outcomes of a Redis manager."""
-
-    def _work(self, q: TaskQueue) -> None:
-        with _threads.owned(self):
-            while True:
-                try:
-                    self._serve(q)
-                    return
-                except BaseException as exc:  # a worker outlives anything, even our bugs
-                    self._log.error("worker error", error=describe(exc))
 
     def _serve(self, q: TaskQueue) -> None:
         done: Outcome | None = None

@@ -29,11 +29,12 @@ from marionette.backends.redis._workers import Workers
 from marionette.backends.redis.codec import encode_call, encode_options
 from marionette.backends.redis.handler import RedisHandler, label
 from marionette.backends.redis.periodic import RedisPeriodic, definition, first_plan, resumed
+from marionette.config import check_limit
 from marionette.errors import TaskManagerStopped, Unschedulable, text
 from marionette.events import TaskEventKind
 from marionette.handler import Submittable, T, TaskHandler
 from marionette.manager import Lifecycle, remaining
-from marionette.periodic import Periodic, parse_cron, parse_zone
+from marionette.periodic import Periodic, parse_cron, parse_every, parse_zone
 from marionette.registry import Call, RegisteredTask
 from marionette.stats import GroupStats, Stats
 
@@ -45,8 +46,6 @@ __all__ = ["RedisManager"]
 _SHARED_OPTIONS = ("name", "error", "key", "group")
 #: `pending()`'s bound when none is given.
 PENDING_LIMIT = 1000
-#: The shortest `every` interval (as in memory).
-MIN_INTERVAL = 1e-6
 
 
 class RedisManager(Workers):
@@ -273,10 +272,7 @@ class RedisManager(Workers):
         """Set or add a group's limit for the whole cluster (`n` an int >= 1, else
         `ValueError`); raising it starts waiting tasks at once, lowering it lets
         running tasks finish and holds new starts until the group is under it."""
-        if not isinstance(group, str) or not group:
-            raise TypeError(f"group must be a non-empty str, not {group!r}")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+        check_limit(group, limit)
         self._call(lambda: self._store.limit(group, limit, False))
         self._known_groups.add(group)
 
@@ -297,21 +293,17 @@ class RedisManager(Workers):
         whole cluster; `key` (required on Redis) is the periodic's identity. A process
         defining a key that exists joins it (keeping the cluster's schedule: `start`
         is not part of the definition); a different definition replaces it."""
-        period = seconds(interval, "interval")
-        if period < MIN_INTERVAL:
-            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, not {interval!r}")
-        spread = seconds(jitter, "jitter", allow_negative=False)
-        if fixed_delay is not True and fixed_delay is not False:
-            raise TypeError(f"fixed_delay must be a bool, not {fixed_delay!r}")
+        period, spread, fixed, first = parse_every(interval, jitter, fixed_delay, start)
         now = (time.time() + self._skew) * 1000
-        if start is None:
-            first = now + period * 1000
-        elif isinstance(start, datetime):
-            first = max(now, aware(start, "start").timestamp() * 1000)
-        else:
-            first = now + max(0.0, seconds(start, "start", error=Unschedulable)) * 1000
         return self._define(
-            "every", task, key, opts, first, interval=period, fixed_delay=fixed_delay, jitter=spread
+            "every",
+            task,
+            key,
+            opts,
+            now + max(0.0, first) * 1000,
+            interval=period,
+            fixed_delay=fixed,
+            jitter=spread,
         )
 
     def cron(
