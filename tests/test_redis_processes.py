@@ -399,8 +399,9 @@ def test_a_periodic_runs_each_occurrence_once_while_processes_die_and_come_back(
     workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
 ) -> None:
     """A 200 ms periodic over three worker processes, one killed (SIGKILL) and another
-    started midway: runs never overlap, and there is one run per occurrence (about
-    window / interval runs, each a task of its own)."""
+    started midway: runs never overlap, and each occurrence is one run or merged into
+    the run waiting to start (about window / interval in all); each run is recorded
+    once."""
     lease = 1.0
     tm = local(redis_url, redis_namespace, lease)
     try:
@@ -412,14 +413,19 @@ def test_a_periodic_runs_each_occurrence_once_while_processes_die_and_come_back(
         pool[0].kill()
         workers(redis_url, redis_url, redis_namespace, lease, workers=2)
         time.sleep(1.5)  # the rest of the measured window
-        periodic.cancel()
+        started_runs, merged = periodic.runs, periodic.coalesced
         elapsed = time.monotonic() - started
+        periodic.cancel()
         assert tm.join(WAIT)
         runs = spans(client, "p8")
         ids = [task_id for task_id, _, _ in runs]
         assert len(ids) == len(set(ids))  # a lost attempt may rerun; a run has one id
+        assert len(ids) >= started_runs
         assert peak(runs) == 1
+        # Every occurrence became a run or merged into one waiting to start (while the
+        # killed process's run waited for its lease, the next ones merged): none lost,
+        # none doubled. One may be pending, unstarted, when counted.
         expected = elapsed / interval
-        assert expected - 4 <= len(set(ids)) <= expected + 1
+        assert expected - 2 <= started_runs + merged <= expected + 1
     finally:
         tm.stop()
