@@ -429,3 +429,29 @@ def test_a_periodic_runs_each_occurrence_once_while_processes_die_and_come_back(
         assert expected - 2 <= started_runs + merged <= expected + 1
     finally:
         tm.stop()
+
+
+def test_keyed_tasks_never_overlap_across_worker_processes(
+    workers: Callable[..., Worker], redis_url: str, redis_namespace: str, client: redis.Redis
+) -> None:
+    """Three worker processes of 4 workers, tasks of one key submitted over and over: the
+    recorded intervals never overlap, and a submission while one waits returns it."""
+    lease = 2.0
+    tm = local(redis_url, redis_namespace, lease)
+    try:
+        for _ in range(3):
+            workers(redis_url, redis_url, redis_namespace, lease, workers=4)
+        keyed = tm._registry["span"].options(key="account:7")
+        handlers = []
+        for i in range(40):
+            handlers.append(keyed.queue("k9", 0.01))
+            if i % 8 == 7:
+                handlers[-1].result(WAIT)
+        for handler in handlers:
+            handler.result(WAIT)
+        runs = spans(client, "k9")
+        assert peak(runs) == 1
+        assert len({h.id for h in handlers}) == len(runs)  # duplicates were the same task
+        assert len(runs) >= 5
+    finally:
+        tm.stop()
