@@ -205,6 +205,9 @@ class RedisCore(TaskManager):
         # Set at the end of a stop: the services and the workers' retries end.
         self._stopping = threading.Event()
         self._services: list[threading.Thread] = []
+        # Set by the heartbeat after an outage: the message thread reconnects (a plain
+        # flag: one writer, one reader, a stale read costs one more lease of waiting).
+        self._relisten = False
         # Listeners hear a task's SUBMITTED before its other events: while this process
         # has submissions under way, events of the runs of tasks it has not announced
         # yet (ids above `_announced`) wait in `_held` (see `_emit_run_locked`).

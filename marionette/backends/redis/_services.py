@@ -200,15 +200,26 @@ class Services(RedisCore):
         interval = self._config.lease / 3
         while not self._stopping.wait(interval):
             proc = self._proc
+            failed: list[bool] = []
+            beat = functools.partial(self._beat, proc, failed)
             try:
-                beat = functools.partial(
-                    self._store.heartbeat, proc, self._lease_ms, self._info(), False
-                )
                 held, _ = self._background(beat, self._stopping)
             except self._outages.errors:
                 return
+            if failed:
+                # Redis was out of reach: the message connection may be dead without
+                # knowing it (a cut that drops packets), so it makes a new one.
+                self._relisten = True
             if not held:
                 self._rejoin(proc)
+
+    def _beat(self, proc: str, failed: list[bool]) -> tuple[bool, int]:
+        """One heartbeat; a failed try is noted in `failed`."""
+        try:
+            return self._store.heartbeat(proc, self._lease_ms, self._info(), False)
+        except self._outages.errors:
+            failed.append(True)
+            raise
 
     def _rejoin(self, lost: str) -> None:
         """This process lost its lease (`lost` was its id): the cluster reaped it and
@@ -248,10 +259,11 @@ class Services(RedisCore):
             try:
                 pubsub.subscribe(self._store.channel)
                 self._wake_all()  # what was said while we were not listening is lost
-                while not self._stopping.is_set():
+                while not self._stopping.is_set() and not self._relisten:
                     message = pubsub.get_message(timeout=lease)
                     if message is not None:
                         self._dispatch(message["data"])
+                self._relisten = False
             except self._outages.errors as exc:
                 self._outages.down(exc)
                 self._stopping.wait(0.5)
