@@ -567,3 +567,17 @@ def test_idle_cluster_traffic_is_the_heartbeats_only(make: Make, redis_url: str)
     allowed = {f"cmdstat_{c}" for c in (*heartbeat, *setup, "evalsha", "info")}
     assert set(spent) <= allowed, spent
     assert 2 <= spent["cmdstat_evalsha"] <= 4, spent
+
+
+def test_a_redis_backend_without_redis_py_raises_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without redis-py, a manager made for Redis raises ConfigError naming `backend`
+    and the extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
+    with pytest.raises(ConfigError) as caught:
+        TaskManager(backend="redis://localhost:6379/0")
+    assert caught.value.field == "backend"
+    assert "marionette[redis]" in str(caught.value)
