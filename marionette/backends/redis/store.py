@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from importlib import resources
@@ -55,9 +56,45 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: A top-level definition of common.lua: ``local function name`` or ``local name``.
+_DEFINITION = re.compile(r"^local (?:function )?(\w+)", re.MULTILINE)
+
+
+#: In a script, where the definitions go when a fast path comes first.
+_MARKER = "-- common --\n"
+
+
 def _script(name: str) -> str:
+    """A script: the definitions of common.lua it uses (directly or through another
+    one), then its body (or, at the line ``-- common --``, between its fast path and
+    the rest). Every definition a script carries costs each call of it
+    (Lua makes its closures anew): about 11 us for all of them on this project's
+    machine, a fifth of a submission's time in Redis."""
     folder = resources.files(__package__).joinpath("scripts")
-    return folder.joinpath("common.lua").read_text() + folder.joinpath(f"{name}.lua").read_text()
+    common = folder.joinpath("common.lua").read_text()
+    body = folder.joinpath(f"{name}.lua").read_text()
+    starts = [m.start() for m in _DEFINITION.finditer(common)] + [len(common)]
+    preamble = common[: starts[0]]  # the comments at the top
+    chunks = {
+        m.group(1): common[m.start() : end]
+        for m, end in zip(_DEFINITION.finditer(common), starts[1:], strict=True)
+    }
+    order = list(chunks)
+    needed: set[str] = set()
+    pending = [body]
+    while pending:
+        text = pending.pop()
+        for candidate in order:
+            if candidate not in needed and re.search(rf"\b{candidate}\b", text):
+                needed.add(candidate)
+                pending.append(chunks[candidate])
+    # K and TTL (the prefix and the result TTL, from ARGV) come first in any case.
+    first = "".join(chunks[n] for n in ("K", "TTL"))
+    definitions = "".join(chunks[n] for n in order if n in needed and n not in ("K", "TTL"))
+    head, marker, tail = body.partition(_MARKER)
+    if marker:  # a fast path first, which needs none of the definitions
+        return preamble + first + head + definitions + tail
+    return preamble + first + definitions + body
 
 
 class Claimed(NamedTuple):
