@@ -12,6 +12,7 @@ running) are back to 0 and the idle message 'i' has been published.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from conftest import WAIT
 from helpers import Threads
 
 from marionette import WorkerLost
+from marionette.backends.redis import store as store_module
 from marionette.backends.redis.codec import encode_call
 from marionette.backends.redis.handler import decode_errors
 from marionette.backends.redis.store import Store
@@ -187,6 +189,48 @@ def test_submit_is_idempotent_per_process_lane_and_token(
     assert queue(client, store) == [first, *others]
     assert gauges(store) == (4, 0, 0)
     for task_id in (first, *others):
+        assert store.cancel(task_id) == "now"
+    assert_idle(store, wake)
+
+
+def test_without_hiredis_redis_py_packs_the_same_calls(
+    store: Store, client: redis.Redis, wake: Wake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hiredis is optional: without its packer, redis-py's packs the same commands
+    (text beyond ASCII and numbers included)."""
+    monkeypatch.setattr(store_module, "_hiredis_pack", None)
+    first = submit(store, "p1", 0, "1", name="é")
+    delayed = submit(store, "p1", 1, "2", name="é", mode="d", when=60_000)
+    assert queue(client, store, "é") == [first]
+    assert task(client, store, first)["n"] == "é"
+    assert gauges(store) == (1, 1, 0)
+    for task_id in (first, delayed):
+        assert store.cancel(task_id) == "now"
+    assert_idle(store, wake)
+
+
+def test_a_forked_child_calls_on_a_connection_of_its_own(
+    store: Store, client: redis.Redis, wake: Wake
+) -> None:
+    """A child made by fork never writes on its parent's socket (their replies would
+    mix): its first call opens a connection; the parent keeps its own."""
+    first = submit(store, "p1", 0, "1")
+    parent = store._connection()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it used a new connection successfully
+        ok = False
+        try:
+            ok = store._connection() is not parent and submit(store, "p2", 0, "1") > first
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store._connection() is parent
+    second = submit(store, "p1", 0, "2")
+    ids = queue(client, store)
+    assert len(ids) == 3
+    assert (ids[0], ids[-1]) == (first, second)
+    for task_id in ids:
         assert store.cancel(task_id) == "now"
     assert_idle(store, wake)
 

@@ -370,6 +370,8 @@ def encode_options(opts: Mapping[str, Any]) -> dict[str, Any]:
     `backoff`, `retry`, `stop`) and `context` raise `TypeError` naming the fix, as do
     unknown names; out-of-range values raise `ValueError`.
     """
+    if not opts:  # the common case, on every submission
+        return {}
     unknown = sorted(set(opts) - _DATA_OPTIONS.keys() - _PROCESS_OPTIONS.keys())
     if unknown:
         raise TypeError(f"unknown task option(s): {', '.join(unknown)}")

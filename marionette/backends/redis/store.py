@@ -10,8 +10,8 @@ server's clock (``TIME``): the cluster shares one clock, whatever the processes'
 What the keys hold is described at the top of ``scripts/common.lua``.
 
 This module only speaks to Redis; retrying through outages is `Outages`' job, and
-deciding what to do is the manager's. Thread-safe: redis-py hands each call a
-connection of its pool.
+deciding what to do is the manager's. Thread-safe: each thread calls on a
+connection of its own (see `Store._run`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
 
 __all__ = ["Claimed", "Store", "TaskFields"]
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # the optional extra `hiredis`
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - depends on the installation
+    _hiredis_pack = None
 
 _SCRIPTS = (
     "cancel",
@@ -55,6 +62,18 @@ _FIELDS = ("s", "n", "o", "at", "T", "E", "d", "v", "e", "x")
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
+
+#: How many times this process descends from a fork: a connection made before the
+#: fork belongs to the parent (counted here, as os.getpid() costs a system call).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 #: A top-level definition of common.lua: ``local function name`` or ``local name``.
 _DEFINITION = re.compile(r"^local (?:function )?(\w+)", re.MULTILINE)
@@ -175,26 +194,32 @@ class Store:
         script = self._scripts[name]
         try:
             try:
-                connection.send_command(
-                    "EVALSHA", script.sha, 1, self._key, self.prefix, self._ttl, *args
-                )
+                connection.send_packed_command(self._pack(script.sha, args), False)
                 return connection.read_response()
             except self._no_script:  # a restarted server forgot it: load it again
                 script.sha = self.client.script_load(script.script)
-                connection.send_command(
-                    "EVALSHA", script.sha, 1, self._key, self.prefix, self._ttl, *args
-                )
+                connection.send_packed_command(self._pack(script.sha, args), False)
                 return connection.read_response()
         except BaseException:
             connection.disconnect()
             raise
 
+    def _pack(self, sha: str, args: tuple[Any, ...]) -> list[bytes]:
+        """The chunks of ``EVALSHA sha`` with `args`: packed by hiredis when installed
+        (a third of the time of redis-py's own packing, which inspects every
+        argument)."""
+        command = ("EVALSHA", sha, 1, self._key, self.prefix, self._ttl, *args)
+        if _hiredis_pack is not None:
+            return [_hiredis_pack(command)]
+        packed: list[bytes] = self._connection().pack_command(*command)
+        return packed
+
     def _connection(self) -> Any:
         local = self._local
         connection = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
+        if connection is None or local.forks != _forks:
             connection = local.connection = self.client.connection_pool.make_connection()
-            local.pid = os.getpid()
+            local.forks = _forks
         return connection
 
     # -- transitions -------------------------------------------------------------
