@@ -107,9 +107,13 @@ class Services(RedisCore):
 
     def _claiming(self, q: TaskQueue) -> None:
         turn = 0
+        # Claims come in batches: the claimer waits until the queue is half empty
+        # (the workers have the other half to run meanwhile), then fills it, so a
+        # busy process pays one claim per half a queue of tasks, not one per task.
+        low = q.maxsize // 2
         while True:
             with self._lock:
-                while not self._shut and len(q.queue) >= q.maxsize:
+                while not self._shut and len(q.queue) > low:
                     self._claimable.wait()
                 if self._shut:
                     return
