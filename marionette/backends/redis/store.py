@@ -16,6 +16,7 @@ connection of its own (see `Store._run`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -27,11 +28,20 @@ from typing import Any, NamedTuple
 
 __all__ = ["Claimed", "Store", "TaskFields"]
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:  # the optional extra `hiredis`
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - depends on the installation
-    _hiredis_pack = None
+
+def _find_hiredis_pack() -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's command packer (the optional extra `hiredis`), or None without it.
+
+    Imported by name so that type-checking reads the same with or without it."""
+    try:
+        module = importlib.import_module("hiredis")
+    except ImportError:  # pragma: no cover - depends on the installation
+        return None
+    pack: Callable[[tuple[Any, ...]], bytes] = module.pack_command
+    return pack
+
+
+_hiredis_pack = _find_hiredis_pack()
 
 _SCRIPTS = (
     "cancel",
