@@ -25,6 +25,7 @@ from marionette import WorkerLost
 from marionette.backends.redis import store as store_module
 from marionette.backends.redis.codec import encode_call
 from marionette.backends.redis.handler import decode_errors
+from marionette.backends.redis.periodic import definition
 from marionette.backends.redis.store import Store
 
 #: The lease of the processes that must stay alive during a test.
@@ -117,7 +118,7 @@ def submit(
 
 def promote(store: Store, limit: int) -> tuple[int, int]:
     """(tasks promoted, ms until the next due one or -1)."""
-    reply = store.promote(limit)
+    reply = store.promote(limit, 5_000)
     return int(reply[0]), int(reply[1])
 
 
@@ -634,6 +635,37 @@ def test_promote_leaves_tasks_not_yet_due_and_says_when_the_next_is(
     assert store.cancel(task_id) == "now"
     assert promote(store, 10) == (0, -1)
     assert_idle(store, wake)
+
+
+def test_promote_holds_the_due_occurrences_it_lists_and_fire_fires_each_once(
+    store: Store, client: redis.Redis, wake: Wake
+) -> None:
+    """Processes that wake at once share the due occurrences: the one whose promote
+    listed them holds them (another promote does not list them); an abandoned hold
+    ends (here at once: hold 0) and the occurrence is listed again; one fire call
+    fires many, each once: the second for the same grid finds it fired."""
+    now = int(time.time() * 1000)
+    for key in ("a", "b"):
+        spec = definition("every", "n", PAYLOAD, "", "", interval=60.0)
+        first = (now - 1000, now - 1000)
+        assert store.define(key, spec, ("n", PAYLOAD, "", ""), ("", 60_000, 0), first) == "created"
+    _, _, _, held = store.promote(10, 60_000)
+    assert sorted(key for key, _, _ in held) == ["a", "b"]
+    _, wait, _, others = store.promote(10, 60_000)
+    assert others == []
+    assert wait > 55_000
+    next_grid, next_due = now + 59_000, now + 59_000
+    fired = store.fire([(key, grid, next_grid, next_due) for key, grid, _ in held * 2])
+    assert [outcome for outcome, _ in fired] == [1, 1, 0, 0]
+    runs = {task_id for _, task_id in fired[:2]}
+    assert sorted(queue(client, store)) == sorted(runs)
+    assert {store.periodic(key)["grid"] for key in ("a", "b")} == {str(next_grid)}
+
+    assert store.define("c", spec, ("n", PAYLOAD, "", ""), ("", 60_000, 0), first) == "created"
+    assert [key for key, _, _ in store.promote(10, 0)[3]] == ["c"]
+    ((_, grid, _),) = store.promote(10, 0)[3]  # the first caller's hold is over
+    assert store.fire([("c", grid, None, None)])[0][0] == 1
+    assert store.promote(10, 0)[3] == []  # no plan: fired once, not listed again
 
 
 # -- cancel --------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class _Promote:
 PROMOTE = _Promote()
 #: Tasks promoted per script call (a long schedule is promoted in several).
 _PROMOTE_BATCH = 500
+#: How long the occurrences a promote lists are this process's to fire: a process
+#: that dies meanwhile delays them by this much at most.
+_FIRE_HOLD_MS = 250
 
 
 class Services(RedisCore):
@@ -359,49 +362,47 @@ class Services(RedisCore):
     def _promote(self) -> None:
         """Promote the due tasks of the shared schedule, fire the due occurrences of
         periodics, and sleep until the next due time (the first process to wake does
-        each; the others find nothing to do)."""
+        each; the others find nothing to do, or other occurrences)."""
         while True:
             try:
                 count, wait, now, periodics = self._background(
-                    lambda: self._store.promote(_PROMOTE_BATCH), self._halting
+                    lambda: self._store.promote(_PROMOTE_BATCH, _FIRE_HOLD_MS), self._halting
                 )
             except self._outages.errors:
                 return
             self._skew = now / 1000 - time.time()
-            for key, grid, spec in periodics:
-                if not self._fire(key, grid, spec, now):
-                    return
+            if periodics and not self._fire(periodics, now):
+                return
             if count < _PROMOTE_BATCH and not periodics:
                 break
         if wait >= 0:
             self._arm(wait / 1000)
 
-    def _fire(self, key: str, grid: int, spec: str, now: int) -> bool:
-        """Fire one due occurrence (False if stopping)."""
+    def _fire(self, periodics: list[tuple[str, int, str]], now: int) -> bool:
+        """Fire the due occurrences (key, grid, definition) in one call, each planning
+        its periodic's next one (False if stopping)."""
+        occurrences: list[tuple[str, int, int | None, int | None]] = []
+        for key, grid, spec in periodics:
+            try:
+                planned = following(json.loads(spec), grid, now)
+            except (ValueError, KeyError) as exc:  # a definition it cannot read: no plan
+                self._log.error("periodic definition unreadable", key=key, error=describe(exc))
+                planned = None
+            if planned is None:
+                occurrences.append((key, grid, None, None))
+            else:
+                occurrences.append((key, grid, int(planned[0]), math.ceil(planned[1])))
         try:
-            planned = following(json.loads(spec), grid, now)
-        except (ValueError, KeyError) as exc:  # a definition it cannot read: drop the plan
-            self._log.error("periodic definition unreadable", key=key, error=describe(exc))
-            planned = None
-        next_grid, next_due = (None, None) if planned is None else planned
-        try:
-            outcome, task_id = self._background(
-                lambda: self._store.fire(
-                    key,
-                    grid,
-                    None if next_grid is None else int(next_grid),
-                    None if next_due is None else math.ceil(next_due),
-                ),
-                self._halting,
-            )
+            fired = self._background(lambda: self._store.fire(occurrences), self._halting)
         except self._outages.errors:
             return False
-        if outcome and self._events.wanted:
-            kind = TaskEventKind.SUBMITTED if outcome == 1 else TaskEventKind.COALESCED
-            if kind in self._events.wanted:
-                handler = self._handler(task_id, None)
-                with self._lock:
-                    self._emit_locked(kind, handler)
+        if self._events.wanted:
+            for outcome, task_id in fired:
+                kind = TaskEventKind.SUBMITTED if outcome == 1 else TaskEventKind.COALESCED
+                if outcome and kind in self._events.wanted:
+                    handler = self._handler(task_id, None)
+                    with self._lock:
+                        self._emit_locked(kind, handler)
         return True
 
     def _overrun(self, ctx: Context) -> None:

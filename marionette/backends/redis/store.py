@@ -21,7 +21,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
@@ -323,26 +323,25 @@ class Store:
         attempt = int(started[1]) if outcome == "ok" else 0
         return int(reply[0]), outcome, attempt
 
-    def promote(self, limit: int) -> tuple[int, int, int, list[tuple[str, int, str]]]:
+    def promote(self, limit: int, hold_ms: int) -> tuple[int, int, int, list[tuple[str, int, str]]]:
         """(tasks promoted, ms until the next due task or occurrence or -1, server now,
-        the periodics due now as (key, grid, definition))."""
-        reply = self._run("promote", limit)
+        the periodics due now as (key, grid, definition)), each of those held for
+        this caller for `hold_ms` (see promote.lua)."""
+        reply = self._run("promote", limit, hold_ms)
         due = [(_text(key), int(float(grid)), _text(spec)) for key, grid, spec in reply[3:]]
         return int(reply[0]), int(reply[1]), int(reply[2]), due
 
     def fire(
-        self, key: str, grid: int, next_grid: int | None, next_due: int | None
-    ) -> tuple[int, int]:
-        """Fire a periodic's occurrence planned at `grid`: (0, 0) if another process
-        did, (1, run id) for a new run, (2, pending run id) when it merged into it."""
-        reply = self._run(
-            "fire",
-            key,
-            grid,
-            "" if next_grid is None else next_grid,
-            "" if next_due is None else next_due,
-        )
-        return int(reply[0]), int(reply[1]) if len(reply) > 1 else 0
+        self, occurrences: Sequence[tuple[str, int, int | None, int | None]]
+    ) -> list[tuple[int, int]]:
+        """Fire periodics' occurrences, each given as (key, planned grid, next grid,
+        next due): for each, (0, 0) if another process did, (1, run id) for a new
+        run, (2, pending run id) when it merged into it."""
+        args: list[Any] = []
+        for key, grid, next_grid, next_due in occurrences:
+            args += (key, grid, "" if next_grid is None else next_grid)
+            args.append("" if next_due is None else next_due)
+        return [(int(outcome), int(task_id)) for outcome, task_id in self._run("fire", *args)]
 
     def define(
         self,

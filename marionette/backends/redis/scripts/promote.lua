@@ -1,8 +1,12 @@
 -- Move up to `max` scheduled tasks that are due into their queues, and list the
--- periodics whose occurrence is due: ARGV = K, ttl, max. Atomic, so each due task is
--- promoted once whichever processes race to do it; a periodic's occurrence is fired
--- by `fire` (once: it checks the grid it was given). Returns {promoted, wait_ms until
--- the next due task or occurrence (-1: none), now, {key, grid, definition}...}.
+-- periodics whose occurrence is due: ARGV = K, ttl, max, hold_ms. Atomic, so each due
+-- task is promoted once whichever processes race to do it. A listed occurrence is
+-- held for this caller: its periodic's plan moves `hold_ms` ahead, so that processes
+-- woken at the same instant share the due occurrences instead of all racing for
+-- each; `fire` then plans the next one (and fires once: it checks the grid it was
+-- given). If the caller dies first, the hold ends and another process fires it.
+-- Returns {promoted, wait_ms until the next due task or occurrence (-1: none), now,
+-- {key, grid, definition}...}.
 local now = now_ms()
 local sched = K .. 'sched'
 local ids = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
@@ -24,6 +28,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', K .. 'pers', '-inf', now, 'LIMI
   local f = redis.call('HMGET', K .. 'per:' .. key, 'grid', 'def')
   if f[2] then
     out[#out + 1] = {key, f[1], f[2]}
+    redis.call('ZADD', K .. 'pers', now + tonumber(ARGV[4]), key)
   else
     redis.call('ZREM', K .. 'pers', key)  -- cancelled meanwhile
   end
