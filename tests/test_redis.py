@@ -32,6 +32,7 @@ from marionette import (
     TaskManagerStopped,
     TaskState,
 )
+from marionette.backends.redis.store import Store
 
 Make = Callable[..., TaskManager]
 
@@ -424,6 +425,28 @@ def test_stop_hands_claimed_tasks_back_at_once(make: Make) -> None:
     assert blocked.result(WAIT) == "released"
 
 
+def test_a_dead_process_claims_pass_on_when_its_lease_ends(
+    make: Make, redis_url: str, redis_namespace: str
+) -> None:
+    """A process that died holding a claimed task (one that joined with a 1 s lease
+    and vanished): a live manager whose own heartbeat comes every 20 s (lease 60 s)
+    runs the task once that lease ends, not at its next heartbeat."""
+    producer = make(workers=0, lease=60.0)
+    handler = register(producer)["add"].queue(1, 2)
+    client = redis.Redis.from_url(redis_url)
+    store = Store(client, redis_namespace, result_ttl=60.0)
+    try:
+        assert store.heartbeat("dead:1:1", 1_000, None, True).held
+        claimed = store.claim("dead:1:1", 10, ["add"])
+        assert claimed is not None
+        assert [task.id for task in claimed[1]] == [handler.id]
+        register(make(workers=1, lease=60.0))
+        assert handler.result(WAIT) == 3  # WAIT (10 s) is half the heartbeat interval
+        assert handler.attempts == 1  # claimed, never started: no attempt was lost
+    finally:
+        client.close()
+
+
 def test_join_waits_for_the_whole_cluster(make: Make) -> None:
     """join() returns once every task of the cluster settled, wherever it ran."""
     web = make(workers=0)
@@ -549,7 +572,7 @@ def test_corrupt_payloads_go_to_the_dead_letters_and_stop_nothing(
 def test_idle_cluster_traffic_is_the_heartbeats_only(make: Make, redis_url: str) -> None:
     """An idle manager (lease 3 s) sends Redis one heartbeat script per second and
     nothing else: no polling. (Commands a script runs count in commandstats too: the
-    heartbeat's are TIME, ZSCORE, ZADD, SET and ZRANGEBYSCORE.)"""
+    heartbeat's are TIME, ZSCORE, ZADD, SET, ZRANGEBYSCORE and ZRANGE.)"""
     make(workers=4, lease=3.0)
     client = redis.Redis.from_url(redis_url)
 
@@ -562,7 +585,7 @@ def test_idle_cluster_traffic_is_the_heartbeats_only(make: Make, redis_url: str)
     after = calls()
     client.close()
     spent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
-    heartbeat = {"time", "zscore", "zadd", "set", "zrangebyscore"}
+    heartbeat = {"time", "zscore", "zadd", "set", "zrangebyscore", "zrange"}
     setup = {"hello", "client|setinfo"}  # the heartbeat thread's connection, made once
     allowed = {f"cmdstat_{c}" for c in (*heartbeat, *setup, "evalsha", "info")}
     assert set(spent) <= allowed, spent

@@ -124,7 +124,7 @@ def promote(store: Store, limit: int) -> tuple[int, int]:
 
 def join(store: Store, proc: str, lease_ms: int = LEASE_MS) -> str:
     """Register `proc` with a lease of `lease_ms`; return it."""
-    held, _ = store.heartbeat(proc, lease_ms, None, True)
+    held = store.heartbeat(proc, lease_ms, None, True).held
     assert held
     return proc
 
@@ -162,7 +162,7 @@ def run(store: Store, proc: str, task_id: int, kind: str = "ok", value: str = "1
 
 def reap(store: Store, reaper: str) -> None:
     """A heartbeat of `reaper`: reaps every process whose lease has run out."""
-    held, _ = store.heartbeat(reaper, LEASE_MS, None, False)
+    held = store.heartbeat(reaper, LEASE_MS, None, False).held
     assert held
 
 
@@ -552,10 +552,25 @@ def test_a_heartbeat_of_a_reaped_process_says_lost(store: Store, wake: Wake) -> 
     may join again."""
     victim = join(store, "victim", DEAD_MS)
     reap(store, join(store, "reaper"))
-    assert store.heartbeat(victim, LEASE_MS, None, False)[0] is False
-    assert store.heartbeat(victim, LEASE_MS, None, True)[0] is True
+    assert store.heartbeat(victim, LEASE_MS, None, False).held is False
+    assert store.heartbeat(victim, LEASE_MS, None, True).held is True
     assert store.live_processes() == 2
     assert_idle(store, wake)
+
+
+def test_a_heartbeat_says_when_the_next_lease_of_another_process_ends(store: Store) -> None:
+    """So that the heartbeat thread can reap a dead process as its lease ends: the
+    earliest end among the others (never its own), -1 with no other process."""
+    alone = store.heartbeat("a", 60_000, None, True)
+    assert alone.ends == -1
+    store.heartbeat("b", 30_000, None, True)
+    store.heartbeat("c", 45_000, None, True)
+    beat = store.heartbeat("a", 1_000, None, False)  # its own lease ends first
+    assert 29_000 <= beat.ends - beat.now <= 30_000
+    beat = store.heartbeat("b", 50_000, None, False)  # a's now ends first
+    assert 0 <= beat.ends - beat.now <= 1_000
+    for proc in "abc":
+        store.leave(proc)
 
 
 def test_handback_returns_claims_at_once(store: Store, client: redis.Redis, wake: Wake) -> None:

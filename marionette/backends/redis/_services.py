@@ -1,12 +1,13 @@
 """The Redis backend's service threads: claimer, heartbeat, messages, callbacks.
 
 - ``marionette-claimer`` (only with workers) claims due tasks of the names this
-  process registered into the run's bounded queue, as many as it has room for: at
-  most `queue_size` claimed and not started. When the queues are empty it sleeps
-  until a message says one of them is not ('r <name>'): it never polls.
+  process registered into the run's bounded queue, in batches: once the queue is
+  half empty, as many as it has room for (at most `queue_size` claimed and not
+  started). When the queues are empty it sleeps until a message says one of them is
+  not ('r <name>'): it never polls.
 - ``marionette-heartbeat`` renews the lease every third of it and reaps the
-  processes whose lease ran out (their claims pass to the others). It and the lease
-  are the only timers.
+  processes whose lease ran out (their claims pass to the others), beating sooner
+  when another process's lease ends first. It and the lease are the only timers.
 - ``marionette-messages`` reads the namespace's pub/sub channel (a blocking read)
   and turns each message into a wake-up: of the claimer, of the scheduler (an earlier
   due time), of a task's waiters, of a running attempt to cancel, of `join()`. After
@@ -34,7 +35,7 @@ from marionette.backends.redis._core import Job, RedisCore
 from marionette.backends.redis.codec import CorruptPayload, decode_call
 from marionette.backends.redis.handler import decode_errors, label
 from marionette.backends.redis.periodic import following
-from marionette.backends.redis.store import Claimed
+from marionette.backends.redis.store import Beat, Claimed
 from marionette.context import Context
 from marionette.errors import BackendUnavailable, describe
 from marionette.events import TaskEventKind
@@ -53,8 +54,12 @@ PROMOTE = _Promote()
 #: Tasks promoted per script call (a long schedule is promoted in several).
 _PROMOTE_BATCH = 500
 #: How long the occurrences a promote lists are this process's to fire: a process
-#: that dies meanwhile delays them by this much at most.
+#: that dies meanwhile delays them by this much at most (a faster periodic's
+#: occurrences due meanwhile fold into that late run, as after an outage).
 _FIRE_HOLD_MS = 250
+#: How long after another process's lease ends the heartbeat looks (its clock and
+#: the server's differ by a round trip).
+_REAP_MARGIN = 0.01
 
 
 class Services(RedisCore):
@@ -205,12 +210,13 @@ class Services(RedisCore):
 
     def _beating(self) -> None:
         interval = self._config.lease / 3
-        while not self._stopping.wait(interval):
+        wait = 0.0  # a first beat at once, to learn when the others' leases end
+        while not self._stopping.wait(wait):
             proc = self._proc
             failed: list[bool] = []
             beat = functools.partial(self._beat, proc, failed)
             try:
-                held, _ = self._background(beat, self._stopping)
+                held, now, ends = self._background(beat, self._stopping)
             except self._outages.errors:
                 return
             if failed:
@@ -219,8 +225,14 @@ class Services(RedisCore):
                 self._relisten = True
             if not held:
                 self._rejoin(proc)
+            # The next beat comes sooner if another process's lease ends first: a
+            # dead process's claims pass on when its lease ends, not up to a third
+            # of a lease later (live processes renew theirs long before).
+            wait = interval
+            if ends >= 0:
+                wait = min(interval, max(0.0, (ends - now) / 1000) + _REAP_MARGIN)
 
-    def _beat(self, proc: str, failed: list[bool]) -> tuple[bool, int]:
+    def _beat(self, proc: str, failed: list[bool]) -> Beat:
         """One heartbeat; a failed try is noted in `failed`."""
         try:
             return self._store.heartbeat(proc, self._lease_ms, self._info(), False)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
 
-__all__ = ["Claimed", "Store", "TaskFields"]
+__all__ = ["Beat", "Claimed", "Store", "TaskFields"]
 
 
 def _find_hiredis_pack() -> Callable[[tuple[Any, ...]], bytes] | None:
@@ -124,6 +124,14 @@ def _script(name: str) -> str:
     if marker:  # a fast path first, which needs none of the definitions
         return preamble + first + head + definitions + tail
     return preamble + first + definitions + body
+
+
+class Beat(NamedTuple):
+    """A heartbeat's reply."""
+
+    held: bool  #: False: the process was presumed dead and reaped; it must rejoin
+    now: int  #: the server's clock, ms
+    ends: int  #: when the next lease of another process ends (ms; -1: none held)
 
 
 class Claimed(NamedTuple):
@@ -377,8 +385,8 @@ class Store:
 
     def heartbeat(
         self, proc: str, lease_ms: int, info: dict[str, Any] | None, register: bool
-    ) -> tuple[bool, int]:
-        """Renew `proc`'s lease and reap the dead: (still held, server now)."""
+    ) -> Beat:
+        """Renew `proc`'s lease and reap the dead."""
         reply = self._run(
             "heartbeat",
             proc,
@@ -386,7 +394,9 @@ class Store:
             "" if info is None else json.dumps(info, separators=(",", ":")),
             "1" if register else "0",
         )
-        return _text(reply[0]) == "ok", int(reply[1])
+        if _text(reply[0]) != "ok":
+            return Beat(False, int(reply[1]), -1)
+        return Beat(True, int(reply[1]), int(reply[3]))
 
     def handback(self, proc: str, ids: list[int]) -> int:
         """Give back claimed (or, after a timed-out stop, running) tasks."""
