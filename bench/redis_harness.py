@@ -247,7 +247,13 @@ class Harness:
         """Runs `action` in a fresh producer process and returns its JSON result;
         raises `MeasurementError` if it failed."""
         command = [sys.executable, str(CHILD), system.name, action]
-        env = {**self.env, "BENCH_ROLE": "producer"}
+        return self.run_child(command, action, kwargs, {**self.env, "BENCH_ROLE": "producer"})
+
+    def run_child(
+        self, command: list[str], action: str, kwargs: dict[str, Any], env: dict[str, str]
+    ) -> Result:
+        """Runs a producer `command` with `kwargs` as JSON on stdin; its last line of
+        output, a JSON object, is the result (``{"error": ...}`` if it failed)."""
         try:
             done = subprocess.run(
                 command,

@@ -148,26 +148,7 @@ class ReactiveHarness(Harness):
         and returns its JSON result; raises `MeasurementError` if it failed."""
         command = [sys.executable, "-m", PRODUCER, system, action]
         env = {**self.env, "BENCH_ROLE": "producer", **self.extra}
-        try:
-            done = subprocess.run(
-                command,
-                input=json.dumps(kwargs),
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=self.directory,
-                timeout=self.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise MeasurementError(
-                f"producer {action} timed out after {self.timeout:.0f} s"
-            ) from None
-        lines = done.stdout.strip().splitlines()
-        result: Measurement = json.loads(lines[-1]) if lines else {}
-        if done.returncode != 0 or "error" in result:
-            reason = result.get("error") or " / ".join(done.stderr.strip().splitlines()[-3:])
-            raise MeasurementError(f"producer {action} failed: {reason}")
-        return result
+        return self.run_child(command, action, kwargs, env)
 
     def configure(self, **variables: str) -> None:
         """Environment variables for the next measurement's nodes and producers."""
