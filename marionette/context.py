@@ -16,13 +16,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ._time import seconds
 from .errors import Cancelled, DeadlineExceeded
-
-if TYPE_CHECKING:
-    pass
 
 
 class TaskRef(Protocol):

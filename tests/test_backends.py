@@ -880,3 +880,43 @@ def test_submitted_is_heard_before_started_even_when_the_submitter_is_slow(
     assert handler.result(WAIT) == 1
     tm.stop()  # delivers every event
     assert heard == [_K.SUBMITTED, _K.STARTED, _K.SUCCEEDED]
+
+
+def test_submitted_is_heard_first_when_a_later_submission_announces_sooner(
+    cluster: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two submissions in flight: the first one's thread is preempted before it
+    announces its task, which runs meanwhile, and the second, later one announces
+    its own first. The first task's SUBMITTED still comes before its STARTED."""
+    tm = cluster()
+    ran = threading.Event()
+    go = threading.Event()
+
+    @tm.task(name="quick")
+    def quick(ctx: Context, n: int) -> int:
+        if n == 1:
+            ran.set()
+        return n
+
+    heard: list[tuple[int, TaskEventKind]] = []
+    tm.add_listener(lambda event: heard.append((event.task.id, event.kind)))
+    real = tm._handler  # type: ignore[attr-defined]
+    first: list[TaskHandler[int]] = []
+
+    def preempted(task_id: int, label: str | None) -> Any:
+        if threading.current_thread().name == "slow-submitter":
+            go.wait(WAIT)  # descheduled right here, until the other has announced
+        return real(task_id, label)
+
+    monkeypatch.setattr(tm, "_handler", preempted)
+    slow = threading.Thread(target=lambda: first.append(quick.queue(1)), name="slow-submitter")
+    slow.start()
+    assert ran.wait(WAIT)
+    second = quick.queue(2)
+    go.set()
+    slow.join(WAIT)
+    assert first[0].result(WAIT) == 1
+    assert second.result(WAIT) == 2
+    tm.stop()  # delivers every event
+    kinds = [kind for task_id, kind in heard if task_id == first[0].id]
+    assert kinds == [_K.SUBMITTED, _K.STARTED, _K.SUCCEEDED]

@@ -15,7 +15,7 @@ settle anything (the scripts fence each change by the claim set of the id).
 
 Locking. The manager's one lock, `_lock`, guards `_jobs`, `_watches`, `_shut` (no
 more claims: a stop began), the generation counters `_ready` and `_idle`, `_busy`
-and the events held for order (`_submitting`, `_announced`, `_held`); `_claimable`
+and the events held for order (`_tickets`, `_in_flight`, `_held`); `_claimable`
 (the claimer's Condition) and `_changed` are on it. `_rejoining` serializes joining
 anew (heartbeat and claimer may both find the lease lost). `_handlers` (a weak map)
 and `_free_lanes` (a deque) rely on their operations being atomic: no lock on the
@@ -208,12 +208,13 @@ class RedisCore(TaskManager):
         # Set by the heartbeat after an outage: the message thread reconnects (a plain
         # flag: one writer, one reader, a stale read costs one more lease of waiting).
         self._relisten = False
-        # Listeners hear a task's SUBMITTED before its other events: while this process
-        # has submissions under way, events of the runs of tasks it has not announced
-        # yet (ids above `_announced`) wait in `_held` (see `_emit_run_locked`).
-        self._submitting = 0
-        self._announced = 0
-        self._held: list[tuple[TaskEventKind, RedisHandler[Any], Any, Any]] = []
+        # Listeners hear a task's SUBMITTED before its other events. A submission of
+        # this process takes a ticket (`_tickets`: the last one handed out) and holds
+        # it in `_in_flight` until it has announced its task; an event of a run waits
+        # in `_held` for the submissions in flight when it came (see `_emit_run_locked`).
+        self._tickets = 0
+        self._in_flight: set[int] = set()
+        self._held: list[tuple[int, TaskEventKind, RedisHandler[Any], Any, Any]] = []
         self._callbacks: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         #: The server's clock minus this one's, in seconds (from each promote).
         self._skew = 0.0
@@ -329,24 +330,34 @@ class RedisCore(TaskManager):
     def _emit_run_locked(
         self, kind: TaskEventKind, handler: RedisHandler[Any], error: Any = None, result: Any = None
     ) -> None:
-        """An event of a run here: held while a submission of this process may not have
-        announced the task yet (ids grow with submission, so only larger ids wait)."""
-        if self._submitting and handler.id > self._announced:
-            self._held.append((kind, handler, error, result))
+        """An event of a run here. Any submission of this process in flight now may be
+        the one that made the task and has not announced it yet: the event waits for
+        those (each made its task before this event came, so later ones never made it)."""
+        if self._in_flight:
+            self._held.append((self._tickets, kind, handler, error, result))
         else:
             self._emit_locked(kind, handler, error, result)
 
-    def _announced_locked(self, handler: RedisHandler[Any] | None) -> None:
-        """A submission of this process ended (announced `handler`, if new): the held
-        events it no longer precedes go out, in order."""
-        self._submitting -= 1
+    def _submitting_locked(self) -> int:
+        """A submission begins: its ticket, for `_announced_locked`."""
+        self._tickets += 1
+        self._in_flight.add(self._tickets)
+        return self._tickets
+
+    def _announced_locked(self, ticket: int, handler: RedisHandler[Any] | None) -> None:
+        """The submission of `ticket` ended (announcing `handler`, if new): the held
+        events that no submission still in flight may precede go out, in order."""
+        self._in_flight.discard(ticket)
         if handler is not None:
             self._emit_locked(TaskEventKind.SUBMITTED, handler)
-            self._announced = max(self._announced, handler.id)
         if self._held:
-            held, self._held = self._held, []
-            for kind, task, error, result in held:
-                self._emit_run_locked(kind, task, error, result)
+            first = min(self._in_flight, default=self._tickets + 1)
+            ready = 0  # the tickets recorded grow along the list
+            while ready < len(self._held) and self._held[ready][0] < first:
+                ready += 1
+            released, self._held = self._held[:ready], self._held[ready:]
+            for _, kind, task, error, result in released:
+                self._emit_locked(kind, task, error, result)
 
     # -- lanes -------------------------------------------------------------------
 

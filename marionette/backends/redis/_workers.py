@@ -172,14 +172,14 @@ class Workers(Services):
         """The attempt's options: the registered ones, under the submission's own."""
         if not job.options:  # the common case: parsed once per task name
             cached = self._options_cache.get(job.task)
-            if cached is not None:
-                return cached
-        registered = self._registry.get(job.task)
-        defaults = {} if registered is None else dict(registered.defaults)
-        if not job.options:
-            cached = self._options_cache[job.task] = parse_options(defaults)[0]
+            if cached is None:
+                cached = self._options_cache[job.task] = parse_options(self._defaults(job))[0]
             return cached
-        return parse_options({**defaults, **json.loads(job.options)})[0]
+        return parse_options({**self._defaults(job), **json.loads(job.options)})[0]
+
+    def _defaults(self, job: Job) -> dict[str, Any]:
+        registered = self._registry.get(job.task)
+        return {} if registered is None else dict(registered.defaults)
 
     def _failed(
         self, job: Job, ctx: Context, opts: Options, exc: BaseException, *, final: bool = False

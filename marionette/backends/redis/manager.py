@@ -111,19 +111,19 @@ class RedisManager(Workers):
                 group, tries > 1,
             )  # fmt: skip
 
-        announce = TaskEventKind.SUBMITTED in self._events.wanted
-        if announce:
+        ticket = 0  # none: no listener wants SUBMITTED, so no event waits for it
+        if TaskEventKind.SUBMITTED in self._events.wanted:
             with self._lock:
-                self._submitting += 1
+                ticket = self._submitting_locked()
         handler = None
         try:
             task_id, new = self._call(submit)
             handler = self._handler(task_id, label(registered.name, options_text))
         finally:
             self._give_lane(lane)
-            if announce:
+            if ticket:
                 with self._lock:
-                    self._announced_locked(handler if handler is not None and new else None)
+                    self._announced_locked(ticket, handler if handler is not None and new else None)
         return handler
 
     def _check_group(self, group: str) -> None:
